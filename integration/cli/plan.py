@@ -1,0 +1,5 @@
+"""`kvlane plan ...` commands."""
+
+import typer
+
+app = typer.Typer(no_args_is_help=True)

