@@ -1,0 +1,567 @@
+"""The policy service over real TCP on 127.0.0.1: every op round-trips, bad input gets clear errors and costs
+only the offending connection, HMAC auth, the expiry sweep, the announce rendezvous, the sync client."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import threading
+
+import aiohttp
+import msgpack
+import pytest
+from kvlane.integration.policy_service import (
+    AnnounceTimeout,
+    AuthFailed,
+    BadRequest,
+    CallTimeout,
+    EmbeddedPolicy,
+    PayloadTooLarge,
+    PolicyClient,
+    PolicyServer,
+    PolicyService,
+    SyncPolicyClient,
+    UnknownOp,
+    parse_address,
+)
+from kvlane.integration.policy_service import protocol as P
+from kvlane.policy.types import (
+    EngineInfo,
+    LeaseDenied,
+    LeaseGrant,
+    LeaseRequest,
+    LoadReport,
+    NoPairAvailable,
+    PairRequest,
+    Role,
+    TransferOutcome,
+    UnknownEngine,
+)
+
+
+class FakeClock:
+    """The service clock, driven by hand."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _FakePolicy:
+    """TEMPORARY stand-in for kvlane.policy.core.Policy until it lands (same API, trivial decisions)."""
+
+    def __init__(self, lease_ttl_s: float) -> None:
+        self.ttl = lease_ttl_s
+        self._engines: dict[str, EngineInfo] = {}
+        self._leases: dict[str, LeaseGrant] = {}
+        self._n = 0
+
+    def register_engine(self, info, now):
+        self._engines[info.engine_id] = info
+
+    def remove_engine(self, engine_id, now):
+        if self._engines.pop(engine_id, None) is None:
+            raise UnknownEngine(f"unknown engine {engine_id!r}")
+
+    def report_load(self, report, now):
+        if report.engine_id not in self._engines:
+            raise UnknownEngine(f"unknown engine {report.engine_id!r}")
+
+    def engines(self):
+        return list(self._engines.values())
+
+    def select_pair(self, req, now):
+        from kvlane.policy.types import PairDecision
+
+        ps = [e for e in self._engines.values() if e.role.can_prefill()]
+        ds = [e for e in self._engines.values() if e.role.can_decode()]
+        if not ps or not ds:
+            raise NoPairAvailable("no engines")
+        return PairDecision(request_id=req.request_id, prefill=ps[0].engine_id, decode=ds[0].engine_id,
+                            score=0.0, breakdown={}, locality="same_tile")
+
+    def acquire_lease(self, req, now):
+        if sum(1 for g in self._leases.values() if g.decode == req.decode) >= 3:
+            return LeaseDenied(transfer_id=req.transfer_id, reason="streams", retry_after=0.1)
+        self._n += 1
+        g = LeaseGrant(lease_id=f"L-{self._n}", transfer_id=req.transfer_id, prefill=req.prefill,
+                       decode=req.decode, bytes=req.bytes, klass="reserved", paths=[], granted_at=now,
+                       expires_at=now + self.ttl)
+        self._leases[g.lease_id] = g
+        return g
+
+    def release_lease(self, lease_id, outcome, now):
+        return self._leases.pop(lease_id, None) is not None
+
+    def expire(self, now):
+        gone = [k for k, g in self._leases.items() if g.expires_at <= now]
+        for k in gone:
+            del self._leases[k]
+        return gone
+
+    def snapshot(self, now):
+        return {"engines": sorted(self._engines), "leases": len(self._leases)}
+
+
+def make_policy(lease_ttl_s: float = 10.0):
+    return _FakePolicy(lease_ttl_s)
+
+
+def _engines() -> list[EngineInfo]:
+    return [
+        EngineInfo(engine_id="p0", role=Role.PREFILL, gpus=["gpu0"], kv_bytes_per_token=1024),
+        EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["gpu1"], kv_bytes_per_token=1024),
+    ]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
+
+
+@pytest.fixture
+async def server(clock):
+    svc = PolicyService(make_policy(lease_ttl_s=2.0), clock=clock, sweep_interval=0.02, announce_ttl=5.0)
+    async with PolicyServer(svc, "127.0.0.1", 0) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def client(server):
+    async with PolicyClient(server.address, timeout=3.0) as c:
+        yield c
+
+
+# ---------------------------------------------------------------------------------------------- raw helpers
+
+
+class Raw:
+    """A hand-driven connection, to send what a well-behaved client never would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: dict):
+        self.reader, self.writer, self.hello = reader, writer, hello
+
+    @classmethod
+    async def open(cls, address: str) -> Raw:
+        host, port = parse_address(address)
+        reader, writer = await asyncio.open_connection(host, port)
+        hello = msgpack.unpackb(await P.read_frame(reader, 1 << 20))["hello"]
+        return cls(reader, writer, hello)
+
+    async def send_bytes(self, body: bytes) -> None:
+        self.writer.write(struct.pack(">I", len(body)) + body)
+        await self.writer.drain()
+
+    async def send(self, obj) -> None:
+        await self.send_bytes(msgpack.packb(obj, use_bin_type=True))
+
+    async def recv(self) -> dict:
+        return msgpack.unpackb(await asyncio.wait_for(P.read_frame(self.reader, 1 << 20), 3.0))
+
+    async def closed(self) -> bool:
+        """True when the server closed the connection (EOF within 3 s)."""
+        data = await asyncio.wait_for(self.reader.read(1), 3.0)
+        return data == b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+async def test_every_op_round_trips_over_tcp(client, clock):
+    assert await client.ping() == 1000.0
+    for info in _engines():
+        await client.register_engine(info)
+    assert sorted(e.engine_id for e in await client.engines()) == ["d0", "p0"]
+    await client.report_load(LoadReport(engine_id="d0", queue_depth=3, memory_pressure=0.5))
+
+    decision = await client.select_pair(PairRequest(request_id="r1", prompt_tokens=100))
+    assert (decision.request_id, decision.prefill, decision.decode) == ("r1", "p0", "d0")
+
+    grant = await client.acquire_lease(LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20))
+    assert isinstance(grant, LeaseGrant)
+    assert (grant.transfer_id, grant.prefill, grant.decode, grant.bytes) == ("t1", "p0", "d0", 1 << 20)
+    assert grant.granted_at == 1000.0 and grant.expires_at > 1000.0
+    outcome = TransferOutcome(lease_id=grant.lease_id, ok=True, bytes=1 << 20, seconds=0.01)
+    assert await client.release_lease(grant.lease_id, outcome) is True
+    assert await client.release_lease(grant.lease_id) is False  # idempotent: the second release is a no-op
+
+    snap = await client.snapshot()
+    assert isinstance(snap, dict) and snap
+
+    expires = await client.announce("t1", {"blocks": [1, 2, 3], "rank_addr": b"\x00\x01"})
+    assert expires == 1005.0
+    assert await client.await_announce("t1", timeout_s=1.0) == {"blocks": [1, 2, 3], "rank_addr": b"\x00\x01"}
+
+    await client.register_rank("d0", 1, b"ucx-addr-1")
+    await client.register_rank("d0", 0, b"\xff" * 100)
+    assert await client.get_ranks("d0") == {0: b"\xff" * 100, 1: b"ucx-addr-1"}
+    assert await client.get_ranks("nobody") == {}
+
+    assert await client.remove_engine("d0") is True
+    assert await client.get_ranks("d0") == {}  # an engine's descriptors leave with it
+    assert [e.engine_id for e in await client.engines()] == ["p0"]
+
+
+async def test_policy_errors_come_back_typed(client):
+    with pytest.raises(NoPairAvailable) as exc:
+        await client.select_pair(PairRequest(request_id="r1"))
+    assert exc.value.code == "no_pair"
+    with pytest.raises(UnknownEngine) as exc2:
+        await client.report_load(LoadReport(engine_id="ghost"))
+    assert "ghost" in str(exc2.value)
+    assert await client.ping() == 1000.0  # the connection survived both
+
+
+async def test_lease_denied_comes_back_as_lease_denied(client):
+    for info in _engines():
+        await client.register_engine(info)
+    grants = []
+    denied = None
+    for i in range(20):  # reserved-class transfers: D ingress streams run out
+        req = LeaseRequest(transfer_id=f"t{i}", prefill="p0", decode="d0", bytes=1 << 30, best_effort_ok=False)
+        res = await client.acquire_lease(req)
+        if isinstance(res, LeaseDenied):
+            denied = res
+            break
+        grants.append(res)
+    assert denied is not None and denied.transfer_id == f"t{len(grants)}" and denied.retry_after > 0
+    assert len({g.lease_id for g in grants}) == len(grants) >= 1
+
+
+async def test_concurrent_calls_share_one_connection(client):
+    for info in _engines():
+        await client.register_engine(info)
+    results = await asyncio.gather(*(client.ping() for _ in range(50)))
+    assert results == [1000.0] * 50
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+async def test_oversized_frame_closes_only_that_connection(server, client):
+    raw = await Raw.open(server.address)
+    # Only the length prefix: a server that tried to read the 2 MiB body would wait forever.
+    raw.writer.write(struct.pack(">I", 2 << 20))
+    await raw.writer.drain()
+    reply = await raw.recv()
+    assert reply["ok"] is False and reply["error"]["code"] == "frame_too_large"
+    assert str(2 << 20) in reply["error"]["message"]
+    assert await raw.closed()
+    raw.close()
+    assert await client.ping() == 1000.0  # another connection is unaffected
+    raw2 = await Raw.open(server.address)  # and new ones are accepted
+    await raw2.send({"v": 1, "id": 7, "op": "ping", "body": {}})
+    assert (await raw2.recv())["ok"] is True
+    raw2.close()
+
+
+async def test_configured_frame_limit_applies(clock):
+    svc = PolicyService(make_policy(), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0, max_frame=4096) as srv:
+        async with PolicyClient(srv.address) as c:
+            with pytest.raises(P.FrameTooLarge):  # refused client-side, before sending
+                await c.announce("t", {"x": "y" * 5000})
+        raw = await Raw.open(srv.address)
+        assert raw.hello["max_frame"] == 4096
+        await raw.send({"v": 1, "id": 1, "op": "announce", "body": {"transfer_id": "t", "payload": {"x": "y" * 5000}}})
+        assert (await raw.recv())["error"]["code"] == "frame_too_large"
+        assert await raw.closed()
+        raw.close()
+
+
+async def test_garbage_msgpack_is_an_error_and_the_connection_stays(server):
+    raw = await Raw.open(server.address)
+    await raw.send_bytes(b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
+    reply = await raw.recv()
+    assert reply["ok"] is False and reply["error"]["code"] == "bad_request"
+    assert "msgpack" in reply["error"]["message"]
+    await raw.send([1, 2, 3])  # valid msgpack, not an envelope
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "bad_request" and "envelope" in reply["error"]["message"]
+    await raw.send({"v": 1, "id": "seven", "op": "ping", "body": {}})
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "bad_request" and "id" in reply["error"]["message"]
+    await raw.send({"v": 2, "id": 3, "op": "ping", "body": {}})
+    reply = await raw.recv()
+    assert reply["id"] == 3 and "version 2" in reply["error"]["message"]
+    await raw.send({"v": 1, "id": 4, "op": "ping", "body": {}})
+    reply = await raw.recv()
+    assert reply["id"] == 4 and reply["ok"] is True and reply["body"]["server_time"] == 1000.0
+    raw.close()
+
+
+async def test_unknown_op_is_named(server, client):
+    raw = await Raw.open(server.address)
+    await raw.send({"v": 1, "id": 9, "op": "launch_missiles", "body": {}})
+    reply = await raw.recv()
+    assert reply["id"] == 9 and reply["error"]["code"] == "unknown_op"
+    assert "launch_missiles" in reply["error"]["message"]
+    raw.close()
+    with pytest.raises(UnknownOp, match="frobnicate"):
+        await client._call("frobnicate", {})
+
+
+async def test_wrong_body_field_is_named(server, client):
+    raw = await Raw.open(server.address)
+    await raw.send({"v": 1, "id": 1, "op": "select_pair", "body": {"request_id": "r", "prompt_tokens": "lots"}})
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "bad_request" and "prompt_tokens" in reply["error"]["message"]
+    await raw.send({"v": 1, "id": 2, "op": "report_load", "body": {"engine_id": "d0", "colour": "red"}})
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "bad_request" and "colour" in reply["error"]["message"]
+    await raw.send({"v": 1, "id": 3, "op": "register_rank", "body": {"engine_id": "d0", "rank": 0, "descriptor": "str"}})
+    reply = await raw.recv()
+    assert "descriptor" in reply["error"]["message"]
+    await raw.send({"v": 1, "id": 4, "op": "ping", "body": {}})
+    assert (await raw.recv())["ok"] is True
+    raw.close()
+    with pytest.raises(BadRequest, match="timeout_s"):
+        await client._call("await_announce", {"transfer_id": "t", "timeout_s": -1})
+    with pytest.raises(BadRequest, match="descriptor"):
+        await client.register_rank("d0", 0, b"x" * (P.MAX_RANK_DESCRIPTOR + 1))
+
+
+# ---------------------------------------------------------------------------------------------- auth
+
+
+@pytest.fixture
+async def secure_server(clock):
+    svc = PolicyService(make_policy(), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0, secret=b"s3cret") as srv:
+        yield srv
+
+
+async def test_right_secret_works(secure_server):
+    async with PolicyClient(secure_server.address, secret=b"s3cret") as c:
+        assert await c.ping() == 1000.0
+        for info in _engines():
+            await c.register_engine(info)
+        assert len(await c.engines()) == 2
+
+
+async def test_wrong_secret_is_auth_failed(secure_server):
+    async with PolicyClient(secure_server.address, secret=b"guess") as c:
+        with pytest.raises(AuthFailed) as exc:
+            await c.ping()
+        assert exc.value.code == "auth_failed"
+
+
+async def test_missing_secret_is_refused(secure_server):
+    c = PolicyClient(secure_server.address)
+    with pytest.raises(AuthFailed, match="secret"):
+        await c.ping()  # the hello says auth is required: the client refuses before sending
+    await c.close()
+    raw = await Raw.open(secure_server.address)
+    assert raw.hello["auth"] is True
+    await raw.send({"v": 1, "id": 1, "op": "ping", "body": {}})
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "auth_failed" and "missing" in reply["error"]["message"]
+    assert await raw.closed()
+    raw.close()
+
+
+async def test_wrong_mac_closes_and_replay_is_refused(secure_server):
+    raw = await Raw.open(secure_server.address)
+    mac = P.compute_mac(b"s3cret", raw.hello["nonce"], 5, "ping", {})
+    frame = {"v": 1, "id": 5, "op": "ping", "body": {}, "auth": mac}
+    await raw.send(frame)
+    assert (await raw.recv())["ok"] is True
+    await raw.send(frame)  # same id again on the same connection
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "auth_failed" and "replay" in reply["error"]["message"]
+    assert await raw.closed()
+    raw.close()
+
+    raw2 = await Raw.open(secure_server.address)  # a new connection has a new nonce
+    assert raw2.hello["nonce"] != raw.hello["nonce"]
+    await raw2.send(frame)
+    assert (await raw2.recv())["error"]["code"] == "auth_failed"
+    assert await raw2.closed()
+    raw2.close()
+
+    raw3 = await Raw.open(secure_server.address)  # a MAC for another body does not cover this one
+    good = P.compute_mac(b"s3cret", raw3.hello["nonce"], 1, "ping", {})
+    await raw3.send({"v": 1, "id": 1, "op": "snapshot", "body": {}, "auth": good})
+    assert (await raw3.recv())["error"]["code"] == "auth_failed"
+    assert await raw3.closed()
+    raw3.close()
+
+
+async def test_no_secret_means_no_auth(server):
+    raw = await Raw.open(server.address)
+    assert raw.hello["auth"] is False
+    await raw.send({"v": 1, "id": 1, "op": "ping", "body": {}})
+    assert (await raw.recv())["ok"] is True
+    raw.close()
+
+
+def test_load_secret(tmp_path):
+    f = tmp_path / "secret"
+    f.write_bytes(b"  abc\n")
+    assert P.load_secret(str(f), env={}) == b"abc"
+    assert P.load_secret(None, env={"KVLANE_SECRET": "xyz"}) == b"xyz"
+    assert P.load_secret(None, env={}) is None
+    f.write_bytes(b"\n")
+    with pytest.raises(ValueError, match="empty"):
+        P.load_secret(str(f), env={})
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+
+async def test_unreleased_lease_expires_via_the_sweep(server, client, clock):
+    for info in _engines():
+        await client.register_engine(info)
+    req = LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20, best_effort_ok=False)
+    grant = await client.acquire_lease(req)
+    assert isinstance(grant, LeaseGrant)
+    await asyncio.sleep(0.1)  # several sweeps with the clock standing still: nothing expires
+    assert server.service.metrics.leases_expired._value.get() == 0
+    clock.now = grant.expires_at + 0.001
+    for _ in range(100):
+        if server.service.metrics.leases_expired._value.get() == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert server.service.metrics.leases_expired._value.get() == 1
+    assert await client.release_lease(grant.lease_id) is False  # expired: cannot be released any more
+
+
+# ---------------------------------------------------------------------------------------------- rendezvous
+
+
+async def test_waiter_gets_payload_announced_later(server):
+    async with PolicyClient(server.address) as prefill, PolicyClient(server.address) as decode:
+        waiter = asyncio.create_task(prefill.await_announce("xfer-9", timeout_s=3.0))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        assert await prefill.ping() == 1000.0  # the long poll does not block the connection
+        await decode.announce("xfer-9", {"rank0": {"blocks": [4, 5]}})
+        assert await asyncio.wait_for(waiter, 3.0) == {"rank0": {"blocks": [4, 5]}}
+
+
+async def test_await_announce_timeout_is_clear(client):
+    with pytest.raises(AnnounceTimeout, match="xfer-0") as exc:
+        await client.await_announce("xfer-0", timeout_s=0.05)
+    assert exc.value.code == "announce_timeout"
+    with pytest.raises(CallTimeout):  # the client's own deadline, shorter than the server's wait
+        await client.await_announce("xfer-0", timeout_s=5.0, timeout=0.05)
+    assert await client.ping() == 1000.0
+
+
+async def test_oversized_announce_refused(client):
+    with pytest.raises(PayloadTooLarge, match="65536"):
+        await client.announce("t", {"kv": b"x" * (64 * 1024)})
+    await client.announce("t", {"kv": b"x" * (60 * 1024)})
+
+
+async def test_announce_expires_after_ttl(server, client, clock):
+    await client.announce("t", {"a": 1})
+    clock.now += 5.0  # ttl is 5 s
+    with pytest.raises(AnnounceTimeout):
+        await client.await_announce("t", timeout_s=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- clients
+
+
+async def test_sync_client_from_a_plain_thread(server):
+    out: dict = {}
+
+    def worker() -> None:
+        with SyncPolicyClient(server.address, timeout=3.0) as c:
+            out["ping"] = c.ping()
+            for info in _engines():
+                c.register_engine(info)
+            out["pair"] = c.select_pair(PairRequest(request_id="r1"))
+            c.announce("t7", {"k": 1})
+            out["payload"] = c.await_announce("t7", timeout_s=1.0)
+            try:
+                c.await_announce("none", timeout_s=0.05)
+            except AnnounceTimeout as exc:
+                out["timeout"] = exc.code
+
+    t = threading.Thread(target=worker)
+    t.start()
+    await asyncio.to_thread(t.join, 10.0)
+    assert out["ping"] == 1000.0
+    assert (out["pair"].prefill, out["pair"].decode) == ("p0", "d0")
+    assert out["payload"] == {"k": 1}
+    assert out["timeout"] == "announce_timeout"
+
+
+async def test_client_reconnects_after_a_dropped_connection(server, client):
+    assert await client.ping() == 1000.0
+    for task in list(server._conns):  # the server drops every connection
+        task.cancel()
+    await asyncio.sleep(0.05)
+    assert await client.ping() == 1000.0  # idempotent: reconnects and goes through
+    assert len(server._conns) == 1
+
+
+async def test_unreachable_server_is_connection_lost():
+    srv = PolicyServer(PolicyService(make_policy()), "127.0.0.1", 0)
+    await srv.start()
+    address = srv.address
+    await srv.close()
+    c = PolicyClient(address, timeout=1.0)
+    with pytest.raises(P.ConnectionLost, match="cannot connect"):
+        await c.ping()
+    await c.close()
+
+
+async def test_embedded_policy_same_api(clock):
+    async with EmbeddedPolicy(make_policy(), clock=clock) as emb:
+        assert await emb.ping() == 1000.0
+        for info in _engines():
+            await emb.register_engine(info)
+        decision = await emb.select_pair(PairRequest(request_id="r1"))
+        assert (decision.prefill, decision.decode) == ("p0", "d0")
+        with pytest.raises(BadRequest, match="prompt_tokens"):
+            await emb._call("select_pair", {"request_id": "r", "prompt_tokens": -1})
+        await emb.announce("t", {"x": b"\x00"})
+        assert await emb.await_announce("t", 0.1) == {"x": b"\x00"}
+
+
+def test_sync_client_over_embedded_policy():
+    with SyncPolicyClient(factory=lambda: EmbeddedPolicy(make_policy(), clock=lambda: 5.0)) as c:
+        assert c.ping() == 5.0
+        for info in _engines():
+            c.register_engine(info)
+        assert sorted(e.engine_id for e in c.engines()) == ["d0", "p0"]
+
+
+def test_parse_address():
+    assert parse_address("tcp://127.0.0.1:7000") == ("127.0.0.1", 7000)
+    assert parse_address("tcp://[::1]:7000") == ("::1", 7000)
+    for bad in ("127.0.0.1:7000", "tcp://host", "tcp://:80", "tcp://h:99999", "http://h:1"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+async def test_metrics_endpoint(clock):
+    svc = PolicyService(make_policy(), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0, metrics_port=0) as srv:
+        async with PolicyClient(srv.address) as c:
+            for info in _engines():
+                await c.register_engine(info)
+            await c.select_pair(PairRequest(request_id="r1"))
+            await c.acquire_lease(LeaseRequest(transfer_id="t", prefill="p0", decode="d0", bytes=100))
+            with pytest.raises(UnknownEngine):
+                await c.report_load(LoadReport(engine_id="ghost"))
+        assert srv.metrics_address is not None and srv.metrics_port != 0
+        async with aiohttp.ClientSession() as http, http.get(srv.metrics_address) as resp:
+            assert resp.status == 200
+            text = await resp.text()
+    assert 'kvlane_policy_requests_total{op="register_engine"} 2.0' in text
+    assert 'kvlane_policy_requests_total{op="select_pair"} 1.0' in text
+    assert "kvlane_policy_leases_granted_total" in text
+    assert 'kvlane_policy_errors_total{code="unknown_engine"} 1.0' in text
+    assert 'kvlane_policy_decision_seconds_count{op="select_pair"} 1.0' in text
