@@ -1,0 +1,78 @@
+"""Configuration of one `KVTransport`: backend, listen host, the named paths and their UCX settings,
+deadlines. Read in the vLLM worker process (built by the connector from kv_transfer_config); it only
+describes where bytes may go, never which path to pick (that is the policy's job).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Settings every UCX context gets unless the path overrides them (FACTS.md: keeps peer error handling
+#: and shared memory together; keeps stdout clean).
+UCX_BASE_ENV = {
+    "UCX_MM_ERROR_HANDLING": "y",
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+}
+
+
+class PathConfig(BaseModel):
+    """One path = one UCX context/worker (ucx backend) or one listening socket (tcp backend).
+
+    ``ucx`` holds UCX options without the ``UCX_`` prefix, e.g. ``{"TLS": "sm,self"}`` for shared
+    memory or ``{"TLS": "rc_verbs,ud_verbs", "NET_DEVICES": "mlx5_0:1"}`` for an RDMA rail.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ucx: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("ucx")
+    @classmethod
+    def _no_prefix(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if k.startswith("UCX_") or not k.replace("_", "").isalnum() or not k.isupper():
+                raise ValueError(f"UCX option {k!r} must be an upper-case name without the UCX_ prefix")
+        return v
+
+
+def _default_paths() -> dict[str, PathConfig]:
+    return {"shm": PathConfig(ucx={"TLS": "sm,self"}), "tcp": PathConfig(ucx={"TLS": "tcp,self"})}
+
+
+class HeteroTP(BaseModel):
+    """Allows rank i → rank j transfers between TP groups of different sizes (see `ranks.py`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    p_tp: int = Field(ge=1)
+    d_tp: int = Field(ge=1)
+    total_kv_heads: int = Field(ge=1)
+
+
+class TransportConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["ucx", "tcp"] = "ucx"
+    host: str = "127.0.0.1"
+    tp_size: int = Field(default=1, ge=1)
+    paths: dict[str, PathConfig] = Field(default_factory=_default_paths, min_length=1)
+    #: Deadline of `connect()`'s handshake.
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    #: How long an incoming offer waits for the matching `expect()` before it is refused.
+    offer_hold_s: float = Field(default=30.0, gt=0)
+    #: Tagged sends in flight per transfer (ucx backend).
+    max_inflight_sends: int = Field(default=64, ge=1)
+    #: Set when P and D run different TP sizes; without it rank i only talks to rank i.
+    hetero_tp: HeteroTP | None = None
+    #: Extra process-wide UCX env (applied with setdefault before ucxx is imported).
+    ucx_env: dict[str, str] = Field(default_factory=lambda: dict(UCX_BASE_ENV))
+
+    @field_validator("paths")
+    @classmethod
+    def _path_names(cls, v: dict[str, PathConfig]) -> dict[str, PathConfig]:
+        for name in v:
+            if not name or len(name) > 64 or not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"path name {name!r} must be 1-64 characters of [A-Za-z0-9_-]")
+        return v

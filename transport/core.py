@@ -1,0 +1,600 @@
+"""`KVTransport`: the synchronous face of kvlane.transport, one per (engine, TP rank) in the vLLM worker
+process. It owns a background thread running one asyncio loop that hosts every path backend and the
+transfer protocol (offer → ready → data → done). It never picks a path or a peer and never blocks a
+caller past a deadline; failures come back as ``TransferResult(ok=False, error=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import ranks
+from .config import TransportConfig
+from .memory import Region, as_region, span
+from .types import (
+    BlockCopy,
+    LayoutMismatchError,
+    PeerError,
+    TransferResult,
+    TransportError,
+    coalesce,
+    dst_intervals,
+)
+from .wire import (
+    MAX_RUNS,
+    Data,
+    Descriptor,
+    Done,
+    Fail,
+    Hello,
+    HelloErr,
+    HelloOk,
+    Offer,
+    PathAddress,
+    Ready,
+    RegionInfo,
+    Reject,
+    Wire,
+)
+
+log = logging.getLogger("kvlane.transport")
+
+
+class Link(Protocol):
+    """One connection to one peer on one path, as a backend provides it."""
+
+    peer_key: str
+    dead: asyncio.Future[str]  # resolves with the reason when the link breaks
+
+    async def send_ctrl(self, msg: Wire) -> None: ...
+
+    async def send_runs(self, tid: str, tag_base: int, views: list[Any]) -> None: ...
+
+    def arm_recv(self, tid: str, tag_base: int, views: list[Any]) -> asyncio.Future[None]: ...
+
+    def disarm(self, tid: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    async def start(self) -> PathAddress: ...
+
+    async def open(self, peer_key: str, addr: PathAddress, hello: Hello) -> Link: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(eq=False)
+class PeerHandle:
+    """What `connect()` returns: the validated peer and its per-path links (used only via KVTransport)."""
+
+    descriptor: Descriptor
+    links: dict[str, Link] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.descriptor.key
+
+
+@dataclass(eq=False)
+class _Expect:
+    tid: str
+    spans: list[tuple[int, int, int]]
+    nbytes: int
+    future: concurrent.futures.Future[TransferResult]
+    t0: float
+    timer: asyncio.TimerHandle | None = None
+    link: Link | None = None
+    path: str = ""
+    state: str = "waiting"  # waiting → receiving → finished
+
+
+@dataclass(eq=False)
+class _HeldOffer:
+    link: Link
+    offer: Offer
+    path: str
+    timer: asyncio.TimerHandle
+
+
+class RankMismatchError(ranks.RankMismatchError, TransportError):
+    """Raised by connect()/push() for a peer of another TP rank without a configured mapping."""
+
+
+def _elapsed(t0: float) -> float:
+    return time.perf_counter() - t0
+
+
+class KVTransport:
+    def __init__(self, engine_id: str, rank: int, config: TransportConfig | None = None) -> None:
+        self.engine_id = engine_id
+        self.rank = rank
+        self.config = config or TransportConfig()
+        if rank >= self.config.tp_size:
+            raise ValueError(f"rank {rank} is outside tp_size {self.config.tp_size}")
+        self.key = f"{engine_id}/rank{rank}"
+        self._regions: list[Region] = []
+        self._layout_tag = ""
+        self._expects: dict[str, _Expect] = {}
+        self._offers: dict[str, _HeldOffer] = {}
+        self._waiters: dict[str, asyncio.Queue[Wire]] = {}
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvlane-transport-{self.key}",
+                                        daemon=True)
+        self._thread.start()
+        self._backends: dict[str, Backend] = {}
+        self._addresses: dict[str, PathAddress] = {}
+        try:
+            self._call(self._start(), timeout=60.0)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    # ---------- sync API ----------
+
+    def register_regions(self, regions: list[Any], layout_tag: str = "") -> None:
+        """Register the KV tensors (one per layer, ``shape[0]`` = blocks); replaces earlier ones."""
+        if not regions:
+            raise ValueError("register_regions needs at least one region")
+        self._regions = [as_region(r) for r in regions]
+        self._layout_tag = layout_tag
+
+    @property
+    def regions(self) -> list[Region]:
+        return list(self._regions)
+
+    def descriptor(self) -> bytes:
+        if not self._regions:
+            raise TransportError("register_regions() before descriptor()")
+        return Descriptor(
+            engine_id=self.engine_id, rank=self.rank, tp_size=self.config.tp_size, backend=self.config.backend,
+            paths=self._addresses, layout_tag=self._layout_tag,
+            regions=[RegionInfo(dtype=r.dtype, block_shape=list(r.shape[1:]), block_bytes=r.block_bytes,
+                                num_blocks=r.num_blocks, nbytes=r.nbytes) for r in self._regions],
+        ).to_msgpack()
+
+    def connect(self, peer_descriptor: bytes, paths: list[str] | None = None) -> PeerHandle:
+        """Validate the peer (rank, layout) and open a link on each path (default: all configured)."""
+        self._check_open()
+        desc = Descriptor.from_msgpack(peer_descriptor)
+        self._check_peer(desc)
+        wanted = list(self._backends) if paths is None else paths
+        for p in wanted:
+            if p not in self._backends:
+                raise ValueError(f"unknown path {p!r}; configured paths: {sorted(self._backends)}")
+            if p not in desc.paths:
+                raise PeerError(f"peer {desc.key} has no path {p!r} (it offers {sorted(desc.paths)})")
+        peer = PeerHandle(desc)
+        try:
+            for p in wanted:
+                peer.links[p] = self._call(self._open(p, desc), timeout=self.config.connect_timeout_s + 5)
+        except BaseException:
+            self._close_peer(peer)
+            raise
+        return peer
+
+    def push(self, peer: PeerHandle, transfer_id: str, path: str, copies: list[BlockCopy],
+             deadline_s: float) -> concurrent.futures.Future[TransferResult]:
+        """Send ``copies`` (source = our regions, destination = the peer's) and resolve once the peer
+        confirms every byte landed, or with ok=False at ``deadline_s`` at the latest."""
+        self._check_open()
+        self._check_peer(peer.descriptor)
+        if path not in peer.links:
+            raise ValueError(f"no link to {peer.key} on path {path!r}; connected paths: {sorted(peer.links)}")
+        runs = self._validate_copies(copies, peer.descriptor, sending=True)
+        _check_tid(transfer_id)
+        fut: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        asyncio.run_coroutine_threadsafe(
+            self._push(peer.links[path], transfer_id, path, runs, deadline_s, fut), self._loop)
+        return fut
+
+    def expect(self, transfer_id: str, copies: list[BlockCopy],
+               deadline_s: float) -> concurrent.futures.Future[TransferResult]:
+        """Arm receipt of ``copies`` (their dst side, in our regions) from whichever peer offers
+        ``transfer_id``; resolves when every byte is in place, or with ok=False at the deadline."""
+        self._check_open()
+        _check_tid(transfer_id)
+        runs = self._validate_copies(copies, None, sending=False)
+        spans = dst_intervals([(c.region, c.dst_offset, c.nbytes) for c in runs])
+        fut: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
+        fut.set_running_or_notify_cancel()
+        self._loop.call_soon_threadsafe(self._arm_expect, transfer_id, spans, deadline_s, fut)
+        return fut
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._call(self._shutdown(), timeout=15.0)
+        except Exception as exc:  # closing must not raise into the engine's shutdown path
+            log.warning("kvlane transport %s: unclean shutdown: %s", self.key, exc)
+        self._stop_loop()
+
+    def __enter__(self) -> KVTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------- checks ----------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"transport {self.key} is closed")
+
+    def _check_peer(self, desc: Descriptor) -> None:
+        if desc.backend != self.config.backend:
+            raise PeerError(f"peer {desc.key} runs backend {desc.backend!r}, we run {self.config.backend!r}")
+        het = self.config.hetero_tp
+        if het is None:
+            if desc.rank != self.rank:
+                raise RankMismatchError(
+                    f"TP rank {self.rank} of {self.engine_id} may only talk to TP rank {self.rank}, "
+                    f"peer {desc.key} is rank {desc.rank} (configure hetero_tp for a different TP layout)")
+        else:
+            if {desc.tp_size, self.config.tp_size} != {het.p_tp, het.d_tp} and not (
+                    desc.tp_size == self.config.tp_size == het.p_tp == het.d_tp):
+                raise RankMismatchError(
+                    f"hetero_tp is P={het.p_tp}/D={het.d_tp} but the TP sizes are {self.config.tp_size} (us) "
+                    f"and {desc.tp_size} (peer {desc.key})")
+            ok = False
+            for p_rank, d_rank, p_tp, d_tp in ((self.rank, desc.rank, self.config.tp_size, desc.tp_size),
+                                               (desc.rank, self.rank, desc.tp_size, self.config.tp_size)):
+                if (p_tp, d_tp) == (het.p_tp, het.d_tp):
+                    try:
+                        ranks.routes_between(p_tp, d_tp, het.total_kv_heads, p_rank, d_rank)
+                        ok = True
+                    except ranks.RankMismatchError:
+                        pass
+            if not ok:
+                raise RankMismatchError(f"ranks {self.rank} and {desc.rank} share no KV head under {het}")
+        self._check_layout(desc)
+
+    def _check_layout(self, desc: Descriptor) -> None:
+        if not self._regions:
+            raise TransportError("register_regions() before connecting")
+        problems = []
+        if desc.layout_tag != self._layout_tag:
+            problems.append(f"layout tag {desc.layout_tag!r} != ours {self._layout_tag!r}")
+        if len(desc.regions) != len(self._regions):
+            problems.append(f"{len(desc.regions)} regions != our {len(self._regions)}")
+        het = self.config.hetero_tp
+        for i, (theirs, ours) in enumerate(zip(desc.regions, self._regions, strict=False)):
+            if theirs.dtype != ours.dtype:
+                problems.append(f"region {i}: dtype {theirs.dtype} != ours {ours.dtype}")
+            if het is None or desc.tp_size == self.config.tp_size:
+                if theirs.block_bytes != ours.block_bytes:
+                    problems.append(f"region {i}: block bytes {theirs.block_bytes} != ours {ours.block_bytes}")
+            elif theirs.block_bytes * desc.tp_size != ours.block_bytes * self.config.tp_size:
+                problems.append(f"region {i}: block bytes {theirs.block_bytes}×TP{desc.tp_size} != "
+                                f"ours {ours.block_bytes}×TP{self.config.tp_size} (different total KV heads)")
+            if len(problems) >= 6:
+                break
+        if problems:
+            raise LayoutMismatchError(f"KV layout of peer {desc.key} differs from {self.key}: " + "; ".join(problems))
+
+    def _validate_copies(self, copies: list[BlockCopy], peer: Descriptor | None, sending: bool) -> list[BlockCopy]:
+        if not copies:
+            raise ValueError("a transfer needs at least one BlockCopy")
+        if not self._regions:
+            raise TransportError("register_regions() before moving bytes")
+        for c in copies:
+            if not isinstance(c, BlockCopy):
+                raise TypeError(f"expected BlockCopy, got {type(c).__name__}")
+            if c.region >= len(self._regions):
+                raise ValueError(f"{c}: region index beyond our {len(self._regions)} regions")
+            own = c.src_offset if sending else c.dst_offset
+            if own + c.nbytes > self._regions[c.region].nbytes:
+                raise ValueError(f"{c}: {'source' if sending else 'destination'} range ends past our region "
+                                 f"{c.region} of {self._regions[c.region].nbytes} bytes")
+            if peer is not None and c.dst_offset + c.nbytes > peer.regions[c.region].nbytes:
+                raise ValueError(f"{c}: destination range ends past peer region {c.region} of "
+                                 f"{peer.regions[c.region].nbytes} bytes")
+        runs = coalesce(list(copies))
+        if len(runs) > MAX_RUNS:
+            raise ValueError(f"{len(runs)} runs after coalescing exceed the limit of {MAX_RUNS} per transfer")
+        dst_intervals([(c.region, c.dst_offset, c.nbytes) for c in runs])  # refuses overlaps
+        return runs
+
+    # ---------- loop side ----------
+
+    def _call(self, coro: Any, timeout: float) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    async def _start(self) -> None:
+        if self.config.backend == "ucx":
+            from .ucx import UcxBackend  # imported lazily: needs ucxx
+
+            for k, v in self.config.ucx_env.items():
+                os.environ.setdefault(k, v)
+            make = lambda name, cfg: UcxBackend(self, name, cfg)  # noqa: E731
+        else:
+            from .tcp import TcpBackend
+
+            make = lambda name, cfg: TcpBackend(self, name, self.config.host)  # noqa: E731
+        for name, cfg in self.config.paths.items():
+            backend = make(name, cfg)
+            self._addresses[name] = await backend.start()
+            self._backends[name] = backend
+
+    async def _shutdown(self) -> None:
+        for e in list(self._expects.values()):
+            self._finish_expect(e, False, "transport closed")
+        for held in list(self._offers.values()):
+            held.timer.cancel()
+        self._offers.clear()
+        for b in self._backends.values():
+            try:
+                await asyncio.wait_for(b.stop(), 5.0)
+            except Exception as exc:
+                log.warning("kvlane transport %s: stopping a path failed: %s", self.key, exc)
+
+    def _close_peer(self, peer: PeerHandle) -> None:
+        for link in peer.links.values():
+            self._loop.call_soon_threadsafe(link.close)
+
+    async def _open(self, path: str, desc: Descriptor) -> Link:
+        q = self._waiters.setdefault(f"hello:{path}:{desc.key}", asyncio.Queue())
+        try:
+            link = await asyncio.wait_for(
+                self._backends[path].open(desc.key, desc.paths[path], Hello(descriptor=self.descriptor())),
+                self.config.connect_timeout_s)
+            reply = await _next(q, link, self.config.connect_timeout_s)
+        except TimeoutError:
+            raise PeerError(f"handshake with {desc.key} on path {path!r} timed out after "
+                            f"{self.config.connect_timeout_s}s") from None
+        except OSError as exc:
+            raise PeerError(f"cannot reach {desc.key} on path {path!r}: {exc}") from None
+        finally:
+            self._waiters.pop(f"hello:{path}:{desc.key}", None)
+        if isinstance(reply, HelloErr):
+            link.close()
+            raise _raise_type(reply.error)(f"peer {desc.key} refused the handshake: {reply.error}")
+        return link
+
+    # sender
+
+    async def _push(self, link: Link, tid: str, path: str, runs: list[BlockCopy], deadline_s: float,
+                    fut: concurrent.futures.Future[TransferResult]) -> None:
+        t0 = time.perf_counter()
+        nbytes = sum(r.nbytes for r in runs)
+        q: asyncio.Queue[Wire] = asyncio.Queue()
+        if tid in self._waiters:
+            _resolve(fut, TransferResult(tid, False, 0, 0.0, path, f"transfer {tid!r} is already being pushed"))
+            return
+        self._waiters[tid] = q
+        stage = ["offer"]
+
+        async def steps() -> None:
+            tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
+            await link.send_ctrl(Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
+                                       runs=[(r.region, r.dst_offset, r.nbytes) for r in runs]))
+            stage[0] = "waiting for the receiver to arm"
+            reply = await _next(q, link, None)
+            if isinstance(reply, (Reject, Fail)):
+                raise PeerError(f"receiver refused: {reply.error}")
+            if not isinstance(reply, Ready):
+                raise PeerError(f"unexpected reply {reply.t!r} to an offer")
+            stage[0] = "sending data"
+            views = [span(self._regions[r.region], r.src_offset, r.nbytes) for r in runs]
+            send = asyncio.ensure_future(link.send_runs(tid, tag_base, views))
+            get = asyncio.ensure_future(q.get())
+            try:
+                await asyncio.wait({send, get, link.dead}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in (send, get):
+                    if not t.done():
+                        t.cancel()
+            if get.done() and not get.cancelled():
+                reply = get.result()  # the receiver answered before our sends finished (a failure)
+            elif link.dead.done():
+                raise PeerError(f"link to {link.peer_key} broke: {link.dead.result()}")
+            else:
+                send.result()
+                stage[0] = "waiting for the receiver's confirmation"
+                reply = await _next(q, link, None)
+            if isinstance(reply, Fail):
+                raise PeerError(f"receiver failed: {reply.error}")
+            if not isinstance(reply, Done) or reply.nbytes != nbytes:
+                raise PeerError(f"bad confirmation {reply!r}, expected {nbytes} bytes")
+
+        try:
+            await asyncio.wait_for(steps(), deadline_s)
+            _resolve(fut, TransferResult(tid, True, nbytes, _elapsed(t0), path))
+        except TimeoutError:
+            _resolve(fut, TransferResult(tid, False, 0, _elapsed(t0), path,
+                                         f"deadline of {deadline_s}s expired while {stage[0]} (peer {link.peer_key})"))
+        except Exception as exc:
+            _resolve(fut, TransferResult(tid, False, 0, _elapsed(t0), path,
+                                         f"{type(exc).__name__} while {stage[0]}: {exc}"))
+        finally:
+            self._waiters.pop(tid, None)
+
+    # receiver
+
+    def _arm_expect(self, tid: str, spans: list[tuple[int, int, int]], deadline_s: float,
+                    fut: concurrent.futures.Future[TransferResult]) -> None:
+        if tid in self._expects:
+            _resolve(fut, TransferResult(tid, False, 0, 0.0, "", f"transfer {tid!r} is already expected"))
+            return
+        e = _Expect(tid, spans, sum(s[2] for s in spans), fut, time.perf_counter())
+        self._expects[tid] = e
+        e.timer = self._loop.call_later(deadline_s, self._expire, e, deadline_s)
+        held = self._offers.pop(tid, None)
+        if held is not None:
+            held.timer.cancel()
+            self._bind(e, held.link, held.offer, held.path)
+
+    def _expire(self, e: _Expect, deadline_s: float) -> None:
+        if e.state == "waiting":
+            self._finish_expect(e, False, f"deadline of {deadline_s}s expired: no sender offered {e.tid!r}")
+        elif e.state == "receiving":
+            msg = f"deadline of {deadline_s}s expired while receiving {e.nbytes} bytes from {e.link.peer_key}"
+            e.link.disarm(e.tid)
+            self._reply(e.link, Fail(tid=e.tid, error=msg))
+            self._finish_expect(e, False, msg)
+
+    def _finish_expect(self, e: _Expect, ok: bool, error: str | None = None) -> None:
+        if e.state == "finished":
+            return
+        e.state = "finished"
+        if e.timer is not None:
+            e.timer.cancel()
+        self._expects.pop(e.tid, None)
+        _resolve(e.future, TransferResult(e.tid, ok, e.nbytes if ok else 0, _elapsed(e.t0), e.path, error))
+
+    def _reply(self, link: Link, msg: Wire) -> None:
+        async def send() -> None:
+            try:
+                await asyncio.wait_for(link.send_ctrl(msg), 5.0)
+            except Exception as exc:
+                log.info("kvlane transport %s: reply %s to %s lost: %s", self.key, msg.t, link.peer_key, exc)
+        asyncio.ensure_future(send())
+
+    def _bind(self, e: _Expect, link: Link, offer: Offer, path: str) -> None:
+        e.link, e.path = link, path
+        try:
+            got = dst_intervals(list(offer.runs))
+            for region, off, n in offer.runs:
+                if region >= len(self._regions) or off + n > self._regions[region].nbytes:
+                    raise ValueError(f"run ({region}, {off}, {n}) is outside our regions")
+            if got != e.spans:
+                raise ValueError(f"offered destination ranges {_short(got)} differ from the expected {_short(e.spans)}")
+            views = [span(self._regions[r], off, n) for r, off, n in offer.runs]
+            landed = link.arm_recv(offer.tid, offer.tag_base, views)
+        except Exception as exc:
+            msg = f"offer from {link.peer_key} does not match expect({e.tid!r}): {exc}"
+            self._reply(link, Reject(tid=e.tid, error=msg))
+            self._finish_expect(e, False, msg)
+            return
+        e.state = "receiving"
+        self._reply(link, Ready(tid=e.tid))
+
+        def on_landed(f: asyncio.Future[None]) -> None:
+            if e.state != "receiving":
+                return
+            if f.cancelled() or f.exception() is not None:
+                err = "cancelled" if f.cancelled() else f"{type(f.exception()).__name__}: {f.exception()}"
+                msg = f"receiving from {link.peer_key} failed: {err}"
+                link.disarm(e.tid)
+                self._reply(link, Fail(tid=e.tid, error=msg))
+                self._finish_expect(e, False, msg)
+            else:
+                self._reply(link, Done(tid=e.tid, nbytes=e.nbytes))
+                self._finish_expect(e, True)
+
+        landed.add_done_callback(on_landed)
+
+    # called by backends, in the loop
+
+    def on_hello(self, link: Link, path: str, hello: Hello) -> Descriptor | None:
+        """Validate a connecting peer; reply on ``link``. Returns its descriptor if accepted."""
+        try:
+            desc = Descriptor.from_msgpack(hello.descriptor)
+            self._check_peer(desc)
+        except Exception as exc:
+            self._reply(link, HelloErr(key=self.key, error=f"{type(exc).__name__}: {exc}"))
+            return None
+        self._reply(link, HelloOk(key=self.key))
+        return desc
+
+    def on_control(self, link: Link | None, path: str, msg: Wire) -> None:
+        if isinstance(msg, (HelloOk, HelloErr)):
+            q = self._waiters.get(f"hello:{path}:{msg.key}")
+        elif isinstance(msg, Offer):
+            if link is None:
+                log.warning("kvlane transport %s: offer %s from unknown sender %s", self.key, msg.tid, msg.sender)
+                return
+            self._on_offer(link, path, msg)
+            return
+        elif isinstance(msg, (Ready, Reject, Done, Fail)):
+            q = self._waiters.get(msg.tid)
+        else:
+            log.warning("kvlane transport %s: unexpected control message %s", self.key, msg.t)
+            return
+        if q is not None:
+            q.put_nowait(msg)
+
+    def _on_offer(self, link: Link, path: str, offer: Offer) -> None:
+        e = self._expects.get(offer.tid)
+        if e is not None and e.state == "waiting":
+            self._bind(e, link, offer, path)
+            return
+        if e is not None or offer.tid in self._offers:
+            self._reply(link, Reject(tid=offer.tid, error=f"transfer {offer.tid!r} is already in progress here"))
+            return
+        hold = min(offer.wait_s, self.config.offer_hold_s)
+
+        def drop() -> None:
+            if self._offers.pop(offer.tid, None) is not None:
+                self._reply(link, Reject(tid=offer.tid, error=f"no expect({offer.tid!r}) on {self.key} within {hold}s"))
+
+        self._offers[offer.tid] = _HeldOffer(link, offer, path, self._loop.call_later(hold, drop))
+
+    def on_link_dead(self, link: Link, reason: str) -> None:
+        for e in list(self._expects.values()):
+            if e.link is link and e.state == "receiving":
+                link.disarm(e.tid)
+                self._finish_expect(e, False, f"link to sender {link.peer_key} broke: {reason}")
+        for tid, held in list(self._offers.items()):
+            if held.link is link:
+                held.timer.cancel()
+                del self._offers[tid]
+
+
+async def _next(q: asyncio.Queue[Wire], link: Link, timeout: float | None) -> Wire:
+    """Next reply for this waiter, or PeerError as soon as the link breaks."""
+    get = asyncio.ensure_future(q.get())
+    try:
+        done, _ = await asyncio.wait({get, link.dead}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not get.done():
+            get.cancel()
+    if get in done:
+        return get.result()
+    if link.dead.done():
+        raise PeerError(f"link to {link.peer_key} broke: {link.dead.result()}")
+    raise TimeoutError
+
+
+def _resolve(fut: concurrent.futures.Future[TransferResult], res: TransferResult) -> None:
+    if not fut.done():
+        fut.set_result(res)
+
+
+def _check_tid(tid: str) -> None:
+    if not isinstance(tid, str) or not 1 <= len(tid) <= 256 or not re.fullmatch(r"[A-Za-z0-9_.:/@\-]+", tid):
+        raise ValueError(f"transfer id {tid!r} must be 1-256 characters of [A-Za-z0-9_.:/@-]")
+
+
+def _short(spans: list[tuple[int, int, int]]) -> str:
+    return str(spans[:4])[:-1] + (f", … {len(spans) - 4} more]" if len(spans) > 4 else "]")
+
+
+def _raise_type(error: str) -> type[Exception]:
+    if error.startswith("RankMismatchError"):
+        return RankMismatchError
+    if error.startswith("LayoutMismatchError"):
+        return LayoutMismatchError
+    return PeerError
+
+
+__all__ = ["KVTransport", "PeerHandle", "RankMismatchError", "Link", "Backend", "Data"]

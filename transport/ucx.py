@@ -1,0 +1,237 @@
+"""UCX backend of kvlane.transport (ucxx 0.52): one UCX context + worker per path (its own UCX_TLS /
+UCX_NET_DEVICES), endpoints by worker address with peer error handling on, control messages on one
+tag per worker, KV runs as tagged sends received in place into the destination views (zero-copy on
+receive). Runs inside KVTransport's loop thread in blocking progress mode; never uses a listener
+(FACTS.md: listener connect with error handling degrades to TCP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .config import PathConfig
+from .wire import MAX_CONTROL_BYTES, Descriptor, Hello, Offer, PathAddress, Wire, WireError, decode_control
+
+if TYPE_CHECKING:
+    from .core import KVTransport
+
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+os.environ.setdefault("UCX_MM_ERROR_HANDLING", "y")
+
+import ucxx  # noqa: E402,F401  (sets UCX env defaults at import; must follow ours)
+import ucxx._lib.libucxx as ucx_api  # noqa: E402
+from ucxx._lib_async import ApplicationContext  # noqa: E402
+from ucxx._lib_async.application_context import ProgressTasks  # noqa: E402
+from ucxx._lib_async.continuous_ucx_progress import BlockingMode  # noqa: E402
+from ucxx.types import Tag  # noqa: E402
+
+log = logging.getLogger("kvlane.transport.ucx")
+#: Control messages of every peer arrive on this tag ("kvlane" + 0x0001); data tags are random per transfer.
+CTRL_TAG = 0x6B766C616E650001
+_LEN = struct.Struct("<I")
+
+
+@dataclass(eq=False)
+class _Arm:
+    tasks: list[asyncio.Future[Any]]
+    fut: asyncio.Future[None]
+
+
+class UcxLink:
+    def __init__(self, backend: UcxBackend, peer_key: str, ep: Any) -> None:
+        self.backend = backend
+        self.peer_key = peer_key
+        self.ep = ep
+        self.loop = asyncio.get_running_loop()
+        self.dead: asyncio.Future[str] = self.loop.create_future()
+        self._arms: dict[str, _Arm] = {}
+        ep.set_close_callback(self._on_close)
+
+    def _on_close(self, *args: Any) -> None:
+        # UCX calls this from progress (our loop thread in blocking mode); stay thread-safe anyway.
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._kill, "UCX endpoint error or close (peer gone?)")
+
+    async def send_ctrl(self, msg: Wire) -> None:
+        data = msg.to_msgpack()
+        await self._send(np.frombuffer(_LEN.pack(len(data)) + data, dtype=np.uint8), CTRL_TAG)
+
+    async def _send(self, view: Any, tag: int) -> None:
+        if self.dead.done():
+            raise ConnectionError(f"link to {self.peer_key} is down: {self.dead.result()}")
+        try:
+            await self.ep.send(view, tag=Tag(tag), force_tag=True)
+        except ucx_api.UCXError as exc:
+            self._kill(f"{type(exc).__name__}: {exc}")
+            raise ConnectionError(f"send to {self.peer_key} failed: {exc}") from None
+
+    async def send_runs(self, tid: str, tag_base: int, views: list[Any]) -> None:
+        sem = asyncio.Semaphore(self.backend.core.config.max_inflight_sends)
+
+        async def one(i: int, v: Any) -> None:
+            async with sem:
+                await self._send(v, tag_base + i)
+
+        tasks = [asyncio.ensure_future(one(i, v)) for i, v in enumerate(views)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                if not t.done():
+                    t.cancel()
+
+    def arm_recv(self, tid: str, tag_base: int, views: list[Any]) -> asyncio.Future[None]:
+        fut = self.loop.create_future()
+        if self.dead.done():
+            fut.set_exception(ConnectionError(f"link is down: {self.dead.result()}"))
+            return fut
+        # Receives are posted on this endpoint so that closing it cancels them (ucxx tracks them per ep).
+        tasks = [asyncio.ensure_future(self.ep.recv(v, tag=Tag(tag_base + i), force_tag=True))
+                 for i, v in enumerate(views)]
+        arm = _Arm(tasks, fut)
+        self._arms[tid] = arm
+
+        def done(g: asyncio.Future[Any]) -> None:
+            self._arms.pop(tid, None)
+            if fut.done():
+                return
+            if g.cancelled():
+                fut.cancel()
+            elif g.exception() is not None:
+                fut.set_exception(g.exception())
+            else:
+                fut.set_result(None)
+
+        asyncio.gather(*tasks, return_exceptions=False).add_done_callback(done)
+        return fut
+
+    def disarm(self, tid: str) -> None:
+        arm = self._arms.pop(tid, None)
+        if arm is None:
+            return
+        if not all(t.done() for t in arm.tasks):
+            # A posted UCX receive cannot be withdrawn on its own: close the endpoint, which cancels
+            # it, so that late bytes can never land in KV blocks that are about to be reused. The
+            # next offer from this sender reopens a link (the backend remembers its address).
+            self._kill(f"transfer {tid} abandoned with receives still posted")
+        if not arm.fut.done():
+            arm.fut.cancel()
+
+    def _kill(self, reason: str) -> None:
+        if self.dead.done():
+            return
+        self.dead.set_result(reason)
+        for tid in list(self._arms):
+            arm = self._arms.pop(tid)
+            if not arm.fut.done():
+                arm.fut.set_exception(ConnectionError(reason))
+        ep, self.ep = self.ep, None
+        if ep is not None:
+            try:
+                ep.abort(period=10**8)
+            except Exception as exc:  # closing a broken endpoint may itself complain
+                log.debug("abort of endpoint to %s: %s", self.peer_key, exc)
+        self.backend.forget(self)
+        self.backend.core.on_link_dead(self, reason)
+
+    def close(self) -> None:
+        self._kill("closed locally")
+
+
+class UcxBackend:
+    def __init__(self, core: KVTransport, path: str, cfg: PathConfig) -> None:
+        self.core = core
+        self.path = path
+        self.cfg = cfg
+        self.ctx: Any = None
+        self._progress: Any = None
+        self._ctrl: asyncio.Task[None] | None = None
+        self._reverse: dict[str, UcxLink] = {}  # sender key → link we reply on
+        self._senders: dict[str, bytes] = {}  # sender key → its worker address (to reopen)
+        self._links: set[UcxLink] = set()
+
+    async def start(self) -> PathAddress:
+        loop = asyncio.get_running_loop()
+        self.ctx = ApplicationContext(config_dict=dict(self.cfg.ucx), progress_mode="blocking")
+        task = ProgressTasks.get(loop)
+        if task is None or task.worker is not self.ctx.worker:
+            # ucxx keeps one progress task per event loop; a second path on the same loop needs its own.
+            task = BlockingMode(self.ctx.worker, loop)
+        self._progress = task  # strong ref: ucxx clears its global table when any context dies
+        self._ctrl = asyncio.ensure_future(self._ctrl_loop())
+        return PathAddress(ucx_address=bytes(self.ctx.worker_address.tobytes()))
+
+    async def _endpoint(self, address: bytes) -> Any:
+        addr = ucx_api.UCXAddress.create_from_buffer(address)
+        return await self.ctx.create_endpoint_from_worker_address(addr, endpoint_error_handling=True)
+
+    async def open(self, peer_key: str, addr: PathAddress, hello: Hello) -> UcxLink:
+        if addr.ucx_address is None:
+            raise OSError(f"peer {peer_key} published no UCX worker address for path {self.path!r}")
+        link = UcxLink(self, peer_key, await self._endpoint(addr.ucx_address))
+        self._links.add(link)
+        await link.send_ctrl(hello)
+        return link
+
+    async def _ctrl_loop(self) -> None:
+        buf = np.zeros(_LEN.size + MAX_CONTROL_BYTES, dtype=np.uint8)
+        while True:
+            try:
+                await self.ctx.recv(buf, Tag(CTRL_TAG))
+                (n,) = _LEN.unpack(buf[: _LEN.size].tobytes())
+                if n > MAX_CONTROL_BYTES:
+                    raise WireError(f"control message claims {n} bytes")
+                msg = decode_control(buf[_LEN.size: _LEN.size + n].tobytes())
+                await self._dispatch(msg)
+            except asyncio.CancelledError:
+                return
+            except Exception as exc:  # one bad message must not stop the control plane
+                log.warning("ucx path %s of %s: dropped a control message: %s", self.path, self.core.key, exc)
+
+    async def _dispatch(self, msg: Wire) -> None:
+        if isinstance(msg, Hello):
+            desc = Descriptor.from_msgpack(msg.descriptor)
+            addr = desc.paths.get(self.path)
+            if addr is None or addr.ucx_address is None:
+                raise WireError(f"hello from {desc.key} carries no UCX address for path {self.path!r}")
+            old = self._reverse.pop(desc.key, None)
+            if old is not None:
+                old.close()
+            link = UcxLink(self, desc.key, await self._endpoint(addr.ucx_address))
+            self._links.add(link)
+            if self.core.on_hello(link, self.path, msg) is not None:
+                self._reverse[desc.key] = link
+                self._senders[desc.key] = addr.ucx_address
+        elif isinstance(msg, Offer):
+            link = self._reverse.get(msg.sender)
+            if link is None and msg.sender in self._senders:
+                link = UcxLink(self, msg.sender, await self._endpoint(self._senders[msg.sender]))
+                self._links.add(link)
+                self._reverse[msg.sender] = link
+            self.core.on_control(link, self.path, msg)
+        else:
+            self.core.on_control(None, self.path, msg)
+
+    def forget(self, link: UcxLink) -> None:
+        self._links.discard(link)
+        if self._reverse.get(link.peer_key) is link:
+            del self._reverse[link.peer_key]
+
+    async def stop(self) -> None:
+        if self._ctrl is not None:
+            self._ctrl.cancel()
+            try:
+                await self._ctrl
+            except BaseException:
+                pass
+        for link in list(self._links):
+            link.close()
+        self._reverse.clear()
+        self._senders.clear()

@@ -1,0 +1,166 @@
+"""Wire formats of kvlane.transport: the engine-rank descriptor and the per-transfer control messages.
+
+Encoded by one worker process, decoded by its peer; every decode checks the size limit first and then
+the schema (pydantic, closed models). msgpack only, never pickle; no I/O here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+MAX_DESCRIPTOR_BYTES = 64 << 10
+MAX_CONTROL_BYTES = 1 << 20
+#: One transfer may carry at most this many (coalesced) runs.
+MAX_RUNS = 1 << 16
+
+Ident = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.:/@\-]+$")]
+NonNeg = Annotated[int, Field(ge=0)]
+Pos = Annotated[int, Field(gt=0)]
+Text = Annotated[str, Field(max_length=4096)]
+
+
+class WireError(ValueError):
+    """A descriptor or control message that is too large, not msgpack, or off-schema (names the field)."""
+
+
+M = TypeVar("M", bound="Wire")
+
+
+def _unpack(data: bytes, max_bytes: int, what: str) -> Any:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(f"{what}: {len(data)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        return msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise WireError(f"{what}: not valid msgpack ({exc.__class__.__name__})") from None
+
+
+def _explain(what: str, exc: ValidationError) -> WireError:
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()[:5]]
+    return WireError(f"{what}: " + "; ".join(parts))
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+
+
+class PathAddress(Wire):
+    """How to reach one path of an engine rank: a UCX worker address or a TCP host:port."""
+
+    ucx_address: bytes | None = Field(default=None, max_length=16 << 10)
+    host: str | None = Field(default=None, max_length=255)
+    port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class RegionInfo(Wire):
+    dtype: str = Field(min_length=1, max_length=32)
+    block_shape: list[NonNeg] = Field(max_length=8)
+    block_bytes: Pos
+    num_blocks: Pos
+    nbytes: Pos
+
+
+class Descriptor(Wire):
+    """Everything a peer needs to connect to one (engine, TP rank) and check layout compatibility."""
+
+    engine_id: Ident
+    rank: NonNeg
+    tp_size: Pos
+    backend: Literal["ucx", "tcp"]
+    paths: dict[Ident, PathAddress] = Field(min_length=1, max_length=64)
+    regions: list[RegionInfo] = Field(max_length=4096)
+    layout_tag: str = Field(default="", max_length=256)
+
+    @property
+    def key(self) -> str:
+        return f"{self.engine_id}/rank{self.rank}"
+
+    @classmethod
+    def from_msgpack(cls, data: bytes) -> Descriptor:
+        obj = _unpack(data, MAX_DESCRIPTOR_BYTES, "descriptor")
+        try:
+            return cls.model_validate(obj)
+        except ValidationError as exc:
+            raise _explain("descriptor", exc) from None
+
+
+# ---- control messages (one envelope, discriminated by "t") ----
+
+class Hello(Wire):
+    t: Literal["hello"] = "hello"
+    descriptor: bytes = Field(max_length=MAX_DESCRIPTOR_BYTES)
+
+
+class HelloOk(Wire):
+    t: Literal["hello_ok"] = "hello_ok"
+    key: Ident
+
+
+class HelloErr(Wire):
+    t: Literal["hello_err"] = "hello_err"
+    key: Ident
+    error: Text
+
+
+class Offer(Wire):
+    """Sender → receiver: the destination runs ``(region, dst_offset, nbytes)`` in send order; run i
+    travels with tag ``tag_base + i`` (ucx) or as data frame i (tcp)."""
+
+    t: Literal["offer"] = "offer"
+    tid: Ident
+    sender: Ident
+    runs: list[tuple[NonNeg, NonNeg, Pos]] = Field(min_length=1, max_length=MAX_RUNS)
+    tag_base: NonNeg = 0
+    wait_s: float = Field(ge=0, allow_inf_nan=False)
+
+
+class Ready(Wire):
+    t: Literal["ready"] = "ready"
+    tid: Ident
+
+
+class Reject(Wire):
+    t: Literal["reject"] = "reject"
+    tid: Ident
+    error: Text
+
+
+class Done(Wire):
+    t: Literal["done"] = "done"
+    tid: Ident
+    nbytes: NonNeg
+
+
+class Fail(Wire):
+    t: Literal["fail"] = "fail"
+    tid: Ident
+    error: Text
+
+
+class Data(Wire):
+    """tcp only: header of run ``i`` of transfer ``tid``; ``nbytes`` raw bytes follow on the stream."""
+
+    t: Literal["data"] = "data"
+    tid: Ident
+    i: NonNeg
+    nbytes: Pos
+
+
+Control = Annotated[Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data, Field(discriminator="t")]
+_CONTROL = TypeAdapter(Control)
+
+
+def decode_control(data: bytes) -> Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data:
+    obj = _unpack(data, MAX_CONTROL_BYTES, "control message")
+    try:
+        return _CONTROL.validate_python(obj)
+    except ValidationError as exc:
+        raise _explain("control message", exc) from None
