@@ -1,0 +1,301 @@
+"""The P/D router against fake engines (aiohttp apps recording what they receive) and the real policy
+(embedded): fan-out with one transfer id, P's one-token copy, sticky sessions, clear 400/502/503s, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from kvlane.integration.launch import free_port
+from kvlane.integration.policy_service import EmbeddedPolicy, PolicyClient
+from kvlane.integration.router import Router, RouterConfig
+from kvlane.policy.types import EngineInfo, Role
+
+core = pytest.importorskip("kvlane.policy.core")
+topology = pytest.importorskip("kvlane.policy.topology")
+
+POLICY_ADDR = "tcp://127.0.0.1:7999"
+SSE_CHUNKS = [b'data: {"choices":[{"text":"a"}]}\n\n', b'data: {"choices":[{"text":"b"}]}\n\n', b"data: [DONE]\n\n"]
+
+
+@dataclass
+class FakeEngine:
+    """A stand-in vLLM OpenAI server. `mode`: ok | error400 | error500 | slow | die | die_mid_stream."""
+
+    name: str
+    mode: str = "ok"
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    cancelled: int = 0
+    url: str = ""
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append((request.path, body))
+        if self.mode == "error400":
+            return web.json_response({"error": {"message": f"{self.name}: bad max_tokens"}}, status=400)
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": f"{self.name} exploded"}}, status=500)
+        if self.mode == "die":
+            request.transport.close()
+            await asyncio.sleep(1)
+        if self.mode == "slow":
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for i, chunk in enumerate(SSE_CHUNKS):
+                if self.mode == "die_mid_stream" and i == 1:
+                    request.transport.close()
+                    return resp
+                await resp.write(chunk)
+                await asyncio.sleep(0.01)
+            await resp.write_eof()
+            return resp
+        return web.json_response({"engine": self.name, "max_tokens": body.get("max_tokens"),
+                                  "choices": [{"text": f"from {self.name}"}]})
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
+
+    async def start(self) -> FakeEngine:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_get("/v1/models", self.models)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def kv(self, i: int = 0) -> dict[str, Any]:
+        return self.received[i][1]["kv_transfer_params"]
+
+
+class Stack:
+    def __init__(self, engines: dict[str, FakeEngine], router: Router, base: str, policy: Any) -> None:
+        self.engines, self.router, self.base, self.policy = engines, router, base, policy
+
+    async def post(self, path: str, body: Any, headers: dict[str, str] | None = None):
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        async with aiohttp.ClientSession() as s, s.post(self.base + path, data=data, headers=headers) as r:
+            return r.status, await r.read(), dict(r.headers)
+
+    def served(self, role: str) -> list[FakeEngine]:
+        return [e for n, e in self.engines.items() if n.startswith(role) and e.received]
+
+
+async def _router_server(policy: Any, addr: str = POLICY_ADDR) -> tuple[Router, web.AppRunner, str]:
+    router = Router(policy, RouterConfig(policy_addr=addr, policy_timeout=2.0, request_timeout=20.0))
+    runner = web.AppRunner(router.app())
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return router, runner, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def stack():
+    engines = {n: await FakeEngine(n).start() for n in ("p0", "p1", "d0", "d1")}
+    policy = EmbeddedPolicy(core.Policy(topology.load_topology("loopback:gpus=4")))
+    for i, (name, eng) in enumerate(engines.items()):
+        role = Role.PREFILL if name.startswith("p") else Role.DECODE
+        await policy.register_engine(EngineInfo(engine_id=name, role=role, gpus=[f"n0.g{i}"],
+                                                endpoints={"http": eng.url}, kv_bytes_per_token=1024))
+    router, runner, base = await _router_server(policy)
+    yield Stack(engines, router, base, policy)
+    await runner.cleanup()
+    await policy.close()
+    for e in engines.values():
+        await e.runner.cleanup()
+
+
+async def test_one_transfer_id_p_gets_one_token_d_gets_the_request(stack):
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 7, "temperature": 0,
+            "kv_transfer_params": {"trace": "abc"}}
+    status, payload, headers = await stack.post("/v1/completions", body)
+    assert status == 200, payload
+    [p] = stack.served("p")
+    [d] = stack.served("d")
+    assert json.loads(payload) == {"engine": d.name, "max_tokens": 7, "choices": [{"text": f"from {d.name}"}]}
+    (p_path, p_body), (d_path, d_body) = p.received[0], d.received[0]
+    assert p_path == d_path == "/v1/completions"
+    assert p_body["max_tokens"] == 1 and p_body["stream"] is False and p_body["prompt"] == "hello world"
+    assert d_body["max_tokens"] == 7 and d_body["prompt"] == "hello world" and "stream" not in d_body
+    tid = headers["x-kvlane-transfer-id"]
+    common = {"kvlane": 1, "transfer_id": tid, "session_id": None, "prefill": p.name, "decode": d.name,
+              "policy": POLICY_ADDR, "trace": "abc"}
+    assert p.kv() == {**common, "role": "prefill"}
+    assert d.kv() == {**common, "role": "decode"}
+    assert headers["x-kvlane-pair"].startswith(f"p={p.name}; d={d.name}; score=")
+    assert stack.router.inflight() == {p.name: 0, d.name: 0}
+
+
+async def test_sticky_session_keeps_its_decode_engine(stack):
+    homes = set()
+    for turn in range(3):
+        msgs = [{"role": "user", "content": f"turn {turn}"}]
+        status, _, headers = await stack.post("/v1/chat/completions", {"messages": msgs, "max_tokens": 3},
+                                              headers={"x-session-id": "alice"})
+        assert status == 200
+        homes.add(headers["x-kvlane-pair"].split("; ")[1])
+        if turn:
+            assert "sticky=1" in headers["x-kvlane-pair"]
+    assert len(homes) == 1
+    [d] = stack.served("d")
+    assert [b["kv_transfer_params"]["session_id"] for _, b in d.received] == ["alice"] * 3
+    # the OpenAI `user` field names a session too; one that is not a policy name is hashed stably
+    _, _, h1 = await stack.post("/v1/completions", {"prompt": "x", "user": "Bob Smith"})
+    _, _, h2 = await stack.post("/v1/completions", {"prompt": "y", "user": "Bob Smith"})
+    assert h1["x-kvlane-pair"].split("; ")[1] == h2["x-kvlane-pair"].split("; ")[1]
+    assert "sticky=1" in h2["x-kvlane-pair"]
+    bob = [b["kv_transfer_params"]["session_id"] for e in stack.engines.values() for _, b in e.received
+           if b.get("user") == "Bob Smith" and b["kv_transfer_params"]["role"] == "decode"]
+    assert len(bob) == 2 and bob[0] == bob[1] and bob[0].startswith("s-") and len(bob[0]) == 26
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", b"{not json", "not valid JSON"),
+        ("/v1/completions", b"[1, 2]", "must be a JSON object"),
+        ("/v1/completions", {"model": "tiny"}, "missing field 'prompt'"),
+        ("/v1/chat/completions", {"prompt": "hi"}, "missing field 'messages'"),
+        ("/v1/chat/completions", {"messages": []}, "'messages' must be a non-empty list"),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
+        ("/v1/completions", {"prompt": "hi", "n": 2}, "n=1"),
+        ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"transfer_id": "x"}},
+         "kv_transfer_params.transfer_id is set by the router"),
+        ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"decode": "d1"}},
+         "kv_transfer_params.decode is set by the router"),
+        ("/v1/completions", {"prompt": "hi", "kv_transfer_params": [1]}, "must be an object"),
+    ],
+)
+async def test_bad_requests_are_400_with_the_reason(stack, path, body, message):
+    status, payload, _ = await stack.post(path, body)
+    assert status == 400
+    assert message in json.loads(payload)["error"]["message"]
+    assert not any(e.received for e in stack.engines.values())
+
+
+async def test_no_pair_is_503_with_reason(stack):
+    for name in ("d0", "d1"):
+        await stack.policy.remove_engine(name)
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"})
+    assert status == 503
+    assert "no prefill/decode pair available" in json.loads(payload)["error"]["message"]
+
+
+async def test_unreachable_policy_is_503_with_reason():
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    client = PolicyClient(addr, timeout=1.0, connect_timeout=1.0)
+    router, runner, base = await _router_server(client, addr)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(base + "/v1/completions", json={"prompt": "hi"}) as r:
+                assert r.status == 503
+                msg = (await r.json())["error"]["message"]
+            async with s.get(base + "/health") as r:
+                assert r.status == 503
+    finally:
+        await runner.cleanup()
+        await client.close()
+    assert f"policy service {addr} unreachable" in msg
+
+
+async def test_streaming_is_passed_through_byte_for_byte(stack):
+    body = {"prompt": "stream me", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    status, payload, headers = await stack.post("/v1/completions", body)
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/event-stream")
+    assert payload == b"".join(SSE_CHUNKS)
+    [p] = stack.served("p")
+    [d] = stack.served("d")
+    assert p.received[0][1]["stream"] is False and "stream_options" not in p.received[0][1]
+    assert d.received[0][1]["stream"] is True and d.received[0][1]["stream_options"] == {"include_usage": True}
+    assert p.kv()["transfer_id"] == d.kv()["transfer_id"] == headers["x-kvlane-transfer-id"]
+
+
+async def test_prefill_failure_cancels_decode_and_is_502(stack):
+    for n in ("p0", "p1"):
+        stack.engines[n].mode = "error500"
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "slow"
+    for stream in (False, True):
+        status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi", "stream": stream})
+        assert status == 502
+        assert "prefill engine p" in json.loads(payload)["error"]["message"]
+        assert "exploded" in json.loads(payload)["error"]["message"]
+    await asyncio.sleep(0.2)
+    assert sum(stack.engines[n].cancelled for n in ("d0", "d1")) == 2
+    assert set(stack.router.inflight().values()) == {0}
+
+
+async def test_decode_errors_pass_through_and_dead_decode_is_502(stack):
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "error400"
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"})
+    assert status == 400 and "bad max_tokens" in json.loads(payload)["error"]["message"]
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi", "stream": True})
+    assert status == 400 and "bad max_tokens" in json.loads(payload)["error"]["message"]
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "die"
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"})
+    assert status == 502
+    assert "decode engine d" in json.loads(payload)["error"]["message"]
+    assert "failed mid-request" in json.loads(payload)["error"]["message"]
+
+
+async def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(stack):
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "die_mid_stream"
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi", "stream": True})
+    assert status == 200  # the headers were already sent
+    assert payload.startswith(SSE_CHUNKS[0])
+    last = payload.strip().split(b"\n\n")[-1]
+    err = json.loads(last.removeprefix(b"data: "))["error"]
+    assert err["code"] == 502 and "failed mid-stream" in err["message"]
+
+
+async def test_inflight_load_is_reported_to_the_policy(stack):
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "slow"
+    task = asyncio.ensure_future(stack.post("/v1/completions", {"prompt": "hi"}))
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        snap = await stack.policy.snapshot()
+        queues = {e["engine_id"]: e["queue_depth"] for e in snap["engines"]}
+        if sum(queues.values()) == 2:
+            break
+    busy = {k for k, v in stack.router.inflight().items() if v == 1}
+    assert len(busy) == 2 and {k for k, v in queues.items() if v == 1} == busy
+    task.cancel()
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "ok"
+
+
+async def test_models_health_and_metrics(stack):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stack.base + "/v1/models") as r:
+            assert r.status == 200 and (await r.json())["data"][0]["id"] == "tiny"
+        async with s.get(stack.base + "/health") as r:
+            assert r.status == 200 and (await r.json())["policy"] == POLICY_ADDR
+        await stack.post("/v1/completions", {"prompt": "hi"})
+        await stack.post("/v1/completions", b"{")
+        async with s.get(stack.base + "/metrics") as r:
+            text = await r.text()
+    assert 'kvlane_router_requests_total{endpoint="completions"} 2.0' in text
+    assert 'kvlane_router_errors_total{reason="bad_request"} 1.0' in text
+    assert "kvlane_router_pair_decisions_total{" in text
+    assert "kvlane_router_ttft_seconds_bucket" in text
