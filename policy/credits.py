@@ -70,6 +70,7 @@ class CreditLedger:
         self._link_reserved: dict[str, float] = {}
         self._link_leases: dict[str, set[str]] = {}
         self._holder_leases: dict[str, set[str]] = {}
+        self._by_transfer: dict[str, str] = {}
         self._expiry: list[tuple[float, str]] = []
 
     # ---- queries -------------------------------------------------------------------------------------------
@@ -88,6 +89,10 @@ class CreditLedger:
             return 0.0
         cap = self.link_capacity(link)
         return min(1.0, reserved / cap) if cap > 0 else 1.0
+
+    def reserved_view(self) -> Mapping[str, float]:
+        """Live read-only view: link -> reserved Gbps (only links with a reservation appear)."""
+        return self._link_reserved
 
     def links_in_use(self) -> dict[str, float]:
         return dict(self._link_reserved)
@@ -122,10 +127,9 @@ class CreditLedger:
         return list(self._active.values())
 
     def find_transfer(self, transfer_id: str) -> Lease | None:
-        for lease in self._active.values():
-            if lease.transfer_id == transfer_id:
-                return lease
-        return None
+        """The live lease of a transfer, if any (one transfer holds at most one live lease)."""
+        lease_id = self._by_transfer.get(transfer_id)
+        return self._active.get(lease_id) if lease_id is not None else None
 
     def ended_state(self, lease_id: str) -> LeaseState | None:
         return self._ended.get(lease_id)
@@ -175,6 +179,8 @@ class CreditLedger:
         stream always fits on an idle link)."""
         if lease_id in self._active or lease_id in self._ended:
             raise ValueError(f"lease id {lease_id!r} was already used")
+        if transfer_id in self._by_transfer:
+            raise ValueError(f"transfer {transfer_id!r} already holds lease {self._by_transfer[transfer_id]!r}")
         if nbytes < 0:
             raise ValueError(f"lease bytes must be >= 0, got {nbytes}")
         rates: dict[str, float] = {}
@@ -202,6 +208,7 @@ class CreditLedger:
             self._link_reserved[link] = self._link_reserved.get(link, 0.0) + rate
             self._link_leases.setdefault(link, set()).add(lease_id)
         self._holder_leases.setdefault(holder, set()).add(lease_id)
+        self._by_transfer[transfer_id] = lease_id
         self._active[lease_id] = lease
         heapq.heappush(self._expiry, (lease.expires_at, lease_id))
         return lease
@@ -232,6 +239,8 @@ class CreditLedger:
             else:  # last one out: reset exactly, no float residue
                 del self._link_leases[link]
                 del self._link_reserved[link]
+        if self._by_transfer.get(lease.transfer_id) == lease.lease_id:
+            del self._by_transfer[lease.transfer_id]
         held = self._holder_leases[lease.holder]
         held.discard(lease.lease_id)
         if not held:

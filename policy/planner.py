@@ -93,14 +93,14 @@ def kv_bytes_per_token(config: Mapping[str, Any] | str | os.PathLike[str],
     head_dim defaulting to hidden_size / num_attention_heads. `config` is a HF-style config dict or a path to
     config.json; a nested `text_config` is used when present. `dtype` overrides the config's dtype."""
     if isinstance(config, (str, os.PathLike)):
+        where = os.fspath(config)
         try:
-            with open(config, encoding="utf-8") as f:
+            with open(where, encoding="utf-8") as f:
                 config = json.load(f)
         except OSError as exc:
-            raise ValueError(f"cannot read model config {os.fspath(config)!r}: {exc.strerror}") from None
+            raise ValueError(f"cannot read model config {where!r}: {exc.strerror}") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"model config {os.fspath(config)!r} is not JSON: {exc.msg} (line {exc.lineno})") \
-                from None
+            raise ValueError(f"model config {where!r} is not JSON: {exc.msg} (line {exc.lineno})") from None
     if not isinstance(config, Mapping):
         raise ValueError(f"model config must be a JSON object, got {type(config).__name__}")
     cfg: Mapping[str, Any] = config

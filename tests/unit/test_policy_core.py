@@ -1,0 +1,314 @@
+"""The `Policy` facade on real topology generators: what a router, a connector or an operator notices."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import pytest
+from kvlane.policy.config import CreditConfig, PolicyConfig, SelectionConfig, SessionConfig
+from kvlane.policy.core import Policy, rank_map
+from kvlane.policy.topology import load_topology, plan_tiles
+from kvlane.policy.types import (
+    EngineInfo,
+    InvalidRequest,
+    LeaseDenied,
+    LeaseGrant,
+    LeaseRequest,
+    LoadReport,
+    NoPairAvailable,
+    PairRequest,
+    RankOutcome,
+    Role,
+    TransferOutcome,
+    UnknownEngine,
+)
+
+GB = 10**9
+
+
+def loopback_policy(config: PolicyConfig | None = None, decodes: int = 2) -> Policy:
+    """loopback:gpus=4: P0 on g0, (P1 on g1 when decodes < 3), D0.. on the next GPUs; TP=1, one node."""
+    pol = Policy(load_topology("loopback:gpus=4"), config)
+    pol.register_engine(EngineInfo(engine_id="P0", role=Role.PREFILL, gpus=["n0.g0"]), 0.0)
+    for i in range(decodes):
+        pol.register_engine(EngineInfo(engine_id=f"D{i}", role=Role.DECODE, gpus=[f"n0.g{i + 1}"]), 0.0)
+    return pol
+
+
+def zcube_policy(config: PolicyConfig | None = None, ratio: str = "1:1") -> Policy:
+    """zcube:n=8,k=2 (64 GPUs, 8 nodes of 8): one TP=8 engine per node, roles and tiles from plan_tiles."""
+    topo = load_topology("zcube:n=8,k=2")
+    plan = plan_tiles(topo, ratio=ratio)
+    plan.apply(topo)
+    pol = Policy(topo, config)
+    for node in topo.nodes:
+        role = {"prefill": Role.PREFILL, "decode": Role.DECODE}.get(plan.roles.get(node, ""), Role.BOTH)
+        pol.register_engine(EngineInfo(engine_id=node.upper(), role=role, gpus=topo.gpus_of(node),
+                                       kv_bytes_per_token=89_856), 0.0)
+    return pol
+
+
+def zero_loads(pol: Policy, now: float = 0.0) -> None:
+    for e in pol.engines():
+        pol.report_load(LoadReport(engine_id=e.engine_id), now)
+
+
+def lease(pol: Policy, tid: str, p: str, d: str, nbytes: int = GB, now: float = 0.0, **kw):
+    return pol.acquire_lease(LeaseRequest(transfer_id=tid, prefill=p, decode=d, bytes=nbytes, **kw), now)
+
+
+# ---- credits through the facade -------------------------------------------------------------------------
+
+
+def test_fourth_large_stream_to_one_decode_is_denied_then_granted_after_release():
+    pol = loopback_policy()
+    grants = [lease(pol, f"t{i}", "P0", "D0") for i in range(3)]
+    assert all(isinstance(g, LeaseGrant) and g.klass == "reserved" for g in grants)
+    denied = lease(pol, "t3", "P0", "D0", now=0.01)
+    assert isinstance(denied, LeaseDenied)
+    assert denied.reason == "decode D0 has 3/3 large KV streams in flight"
+    assert denied.retry_after > 0
+    assert isinstance(lease(pol, "t4", "P0", "D1", now=0.01), LeaseGrant)  # another D is not affected
+    assert pol.release_lease(grants[0].lease_id, None, 0.02) is True
+    again = lease(pol, "t3", "P0", "D0", now=0.02)
+    assert isinstance(again, LeaseGrant)
+    snap = pol.snapshot(0.02)
+    assert snap["credits"]["decode"]["D0"]["streams"] == 3
+    assert snap["counters"]["denials"] == 1
+
+
+def test_release_is_idempotent_and_expired_lease_is_refused():
+    pol = loopback_policy(PolicyConfig(credits=CreditConfig(lease_ttl_s=5.0, lease_ttl_floor_gbps=8.0)))
+    g = lease(pol, "t0", "P0", "D0")
+    assert g.expires_at == pytest.approx(5.0 + 1.0)  # 5 s slack + 8e9 bits at the 8 Gbps floor
+    assert pol.release_lease(g.lease_id, None, 1.0) is True
+    assert pol.release_lease(g.lease_id, None, 1.0) is False
+    assert pol.release_lease("L-999", None, 1.0) is False
+    g2 = lease(pol, "t1", "P0", "D0", now=2.0)
+    assert pol.expire(7.9) == []
+    assert pol.expire(8.0) == [g2.lease_id]
+    assert pol.release_lease(g2.lease_id, None, 8.0) is False
+    assert pol.snapshot(8.0)["leases"] == []
+
+
+def test_small_transfers_go_best_effort_without_stream_credit():
+    pol = loopback_policy()
+    for i in range(3):
+        assert isinstance(lease(pol, f"big{i}", "P0", "D0"), LeaseGrant)
+    small = lease(pol, "small", "P0", "D0", nbytes=1 << 20)
+    assert isinstance(small, LeaseGrant) and small.klass == "best_effort"
+    # Not allowed best-effort: the same small transfer needs a stream credit, and there is none.
+    strict = lease(pol, "small2", "P0", "D0", nbytes=1 << 20, best_effort_ok=False)
+    assert isinstance(strict, LeaseDenied) and "3/3 large KV streams" in strict.reason
+
+
+def test_retrying_a_transfer_returns_the_same_grant():
+    pol = loopback_policy()
+    g = lease(pol, "t0", "P0", "D0")
+    assert lease(pol, "t0", "P0", "D0", now=0.5) == g
+    with pytest.raises(InvalidRequest, match="already holds lease"):
+        lease(pol, "t0", "P0", "D1")
+
+
+def test_tp_mismatch_refused_with_clear_message():
+    pol = Policy(load_topology("loopback:gpus=4"))
+    pol.register_engine(EngineInfo(engine_id="P", role=Role.PREFILL, gpus=["n0.g0", "n0.g1"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="D", role=Role.DECODE, gpus=["n0.g2"]), 0.0)
+    with pytest.raises(InvalidRequest) as err:
+        lease(pol, "t", "P", "D")
+    assert str(err.value).startswith("TP size mismatch: prefill P has TP=2, decode D has TP=1")
+    assert "heterogeneous_tp" in str(err.value)
+    # select_pair never proposes such a pair.
+    with pytest.raises(NoPairAvailable, match="matching TP size"):
+        pol.select_pair(PairRequest(request_id="r"), 0.0)
+
+
+def test_heterogeneous_tp_maps_ranks_when_enabled():
+    assert rank_map(2, 4) == [(0, 0), (0, 1), (1, 2), (1, 3)]
+    assert rank_map(4, 2) == [(0, 0), (1, 0), (2, 1), (3, 1)]
+    with pytest.raises(InvalidRequest, match="neither is a multiple"):
+        rank_map(2, 3)
+    topo = load_topology("zcube:n=8,k=2")
+    pol = Policy(topo, PolicyConfig(selection=SelectionConfig(heterogeneous_tp=True)))
+    pol.register_engine(EngineInfo(engine_id="P", role=Role.PREFILL, gpus=["n0.g0", "n0.g1"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="D", role=Role.DECODE, gpus=[f"n5.g{i}" for i in range(4)]), 0.0)
+    g = lease(pol, "t", "P", "D", nbytes=4 * GB)
+    assert isinstance(g, LeaseGrant)
+    # One stream per D rank j, from P rank j // 2.
+    assert [(x.rank, x.src_nic.rsplit(".", 1)[0], x.dst_nic.rsplit(".", 1)[0]) for x in g.paths] == [
+        (0, "n0.g0", "n5.g0"), (1, "n0.g0", "n5.g1"), (2, "n0.g1", "n5.g2"), (3, "n0.g1", "n5.g3")]
+    assert pol.select_pair(PairRequest(request_id="r"), 0.0).decode == "D"
+
+
+def test_zcube_ranks_split_over_two_paths_rank_i_to_rank_i():
+    pol = zcube_policy()
+    g = lease(pol, "t", "N0", "N3", nbytes=8 * GB)
+    assert isinstance(g, LeaseGrant) and len(g.paths) == 8
+    for x in g.paths:  # rank i → rank i
+        assert x.src_nic.startswith(f"n0.g{x.rank}.") and x.dst_nic.startswith(f"n3.g{x.rank}.")
+    # Rank i of every node shares switch B_i, so rank i -> rank i has three candidates: 'zcube-b' (1 hop) and
+    # the two 2-hop ZCube paths. Even ranks take the best, odd ranks the second (ties: the topology's order).
+    assert {x.path for x in g.paths if x.rank % 2 == 0} == {"zcube-b"}
+    assert {x.path for x in g.paths if x.rank % 2 == 1} == {"zcube-path1"}
+    links = pol.snapshot(0.0)["credits"]["links"]
+    # 1 GB per rank over the 0.5 s target = 16 Gbps reserved on every link of every rank's path.
+    assert links and all(v["reserved_gbps"] == pytest.approx(16.0) for k, v in links.items() if "--" in k and
+                          k.startswith("n0."))
+
+
+def test_the_less_loaded_path_goes_first():
+    pol = zcube_policy(PolicyConfig(credits=CreditConfig(max_streams=8)))
+    # Load rank 0's 'zcube-b' links (N0 g0 <-> B0) with another transfer from N0 to N5 (64 Gbps per rank).
+    busy = lease(pol, "busy", "N0", "N5", nbytes=32 * GB)
+    assert busy.paths[0].path == "zcube-b" and "n0.g0.p1--B0" in busy.paths[0].links
+    g = lease(pol, "t", "N0", "N3", nbytes=8 * GB)
+    # 'zcube-b' of rank 0 shares the loaded NIC link: now 'zcube-path1' is better and takes the even ranks.
+    assert g.paths[0].path == "zcube-path1"
+    assert {x.path for x in g.paths if x.rank % 2 == 1} == {"zcube-b"}
+
+
+def test_holder_death_frees_its_leases():
+    pol = loopback_policy()
+    g = lease(pol, "t0", "P0", "D0")
+    pol.remove_engine("P0", 1.0)
+    assert pol.release_lease(g.lease_id, None, 1.0) is False
+    assert pol.snapshot(1.0)["credits"] == {"decode": {}, "links": {}}
+    with pytest.raises(UnknownEngine):
+        pol.engine("P0")
+
+
+# ---- pair selection ---------------------------------------------------------------------------------------
+
+
+def test_breakdown_sums_to_score_and_only_the_nearest_tier_is_scored():
+    pol = zcube_policy()  # 1:1 tiles: (N0 P, N1 D), (N2 P, N3 D), ...
+    d = pol.select_pair(PairRequest(request_id="r0", prompt_tokens=32_768), 0.0)
+    assert d.score == pytest.approx(sum(d.breakdown.values()))
+    assert set(d.breakdown) == {"qp", "qd", "tkv", "hpath", "md", "acache"}
+    assert d.locality == "same_tile"
+    assert int(d.decode[1:]) == int(d.prefill[1:]) + 1  # its tile's D
+    # 4 shortlisted P engines × their one same-tile D: nothing else was scored.
+    assert d.candidates_scored == 4
+
+
+def test_falls_to_adjacent_tile_when_own_tile_decode_has_no_credit():
+    pol = zcube_policy(PolicyConfig(selection=SelectionConfig(prefill_shortlist=1)))
+    for i in range(3):  # N1 (tile of N0) takes 3 large streams: no credit left
+        lease(pol, f"t{i}", "N2", "N1")
+    d = pol.select_pair(PairRequest(request_id="r", prompt_tokens=1000), 0.0)
+    assert (d.prefill, d.locality) == ("N0", "adjacent_tile") and d.decode != "N1"
+
+
+def test_measured_slow_path_changes_the_chosen_pair():
+    pol = loopback_policy()
+    req = PairRequest(request_id="r", kv_bytes=GB)
+    first = pol.select_pair(req, 0.0)
+    assert first.decode == "D0"  # tie: registration order
+    zero_loads(pol)
+    g = lease(pol, "t", "P0", "D0")
+    assert [x.path for x in g.paths] == ["shm"]
+    # The shm path to D0 crawls: 1 GB in 2 s = 4 Gbps (static says 100).
+    pol.release_lease(g.lease_id, TransferOutcome(
+        lease_id=g.lease_id, ok=True, bytes=GB, seconds=2.0,
+        ranks=[RankOutcome(rank=0, path="shm", bytes=GB, seconds=2.0, ok=True)]), 2.0)
+    again = pol.select_pair(req, 2.0)
+    assert again.decode == "D1"
+    assert again.breakdown["tkv"] == pytest.approx(10 * 8 / 100)  # D1 over shm at static 100 Gbps
+    # D0 is now predicted over tcp (25 Gbps beats the measured 4): 0.32 s, worse than D1's 0.08 s.
+    hot = pol.snapshot(2.0)["hottest"]["paths_by_slowdown"]
+    assert hot[0]["path"] == "shm" and hot[0]["slowdown"] == pytest.approx(25.0)
+
+
+def test_assignments_spread_load_between_reports():
+    pol = loopback_policy()
+    picks = [pol.select_pair(PairRequest(request_id=f"r{i}"), 0.0).decode for i in range(4)]
+    assert picks == ["D0", "D1", "D0", "D1"]
+
+
+def test_no_pair_reasons():
+    pol = Policy(load_topology("loopback:gpus=4"))
+    with pytest.raises(NoPairAvailable, match="no prefill engine registered"):
+        pol.select_pair(PairRequest(request_id="r"), 0.0)
+    pol.register_engine(EngineInfo(engine_id="P", role=Role.PREFILL, gpus=["n0.g0"]), 0.0)
+    with pytest.raises(NoPairAvailable, match="no decode engine registered"):
+        pol.select_pair(PairRequest(request_id="r"), 0.0)
+    pol.register_engine(EngineInfo(engine_id="D", role=Role.DECODE, gpus=["n0.g1"]), 0.0)
+    pol.report_load(LoadReport(engine_id="D", memory_pressure=0.99), 0.0)
+    with pytest.raises(NoPairAvailable, match="none of 1 decode engines is admissible"):
+        pol.select_pair(PairRequest(request_id="r"), 0.0)
+
+
+def test_register_validation():
+    pol = loopback_policy()
+    with pytest.raises(InvalidRequest, match="GPU 'n9.g0' is not in the topology"):
+        pol.register_engine(EngineInfo(engine_id="X", role=Role.DECODE, gpus=["n9.g0"]), 0.0)
+    with pytest.raises(InvalidRequest, match="already belongs to engine P0"):
+        pol.register_engine(EngineInfo(engine_id="X", role=Role.DECODE, gpus=["n0.g0"]), 0.0)
+    with pytest.raises(UnknownEngine, match="'nope'"):
+        pol.report_load(LoadReport(engine_id="nope"), 0.0)
+
+
+# ---- sessions ----------------------------------------------------------------------------------------------
+
+
+def test_sticky_session_returns_home_and_reverse_selects_p():
+    pol = zcube_policy()
+    first = pol.select_pair(PairRequest(request_id="r0", session_id="s", prompt_tokens=1000), 0.0)
+    assert not first.sticky and first.home_moved_from is None
+    for i in range(1, 5):
+        pol.report_load(LoadReport(engine_id=first.decode, queue_depth=5), float(i))  # busier than others
+        d = pol.select_pair(PairRequest(request_id=f"r{i}", session_id="s", prompt_tokens=1000,
+                                        expected_cache_hit=0.9), float(i))
+        assert (d.decode, d.sticky, d.locality, d.home_moved_from) == (first.decode, True, "sticky", None)
+        assert d.breakdown["acache"] == pytest.approx(-2 * 0.9)
+    # P is reverse-selected from the home's own tile first.
+    home_tile = pol.snapshot(5.0)["engines"]
+    tile_of = {e["engine_id"]: e["tile"] for e in home_tile}
+    assert tile_of[d.prefill] == tile_of[first.decode]
+
+
+def test_home_move_is_reported_when_home_is_removed():
+    pol = zcube_policy()
+    first = pol.select_pair(PairRequest(request_id="r0", session_id="s"), 0.0)
+    pol.remove_engine(first.decode, 1.0)
+    d = pol.select_pair(PairRequest(request_id="r1", session_id="s"), 2.0)
+    assert d.home_moved_from == first.decode and d.decode != first.decode and not d.sticky
+    d2 = pol.select_pair(PairRequest(request_id="r2", session_id="s"), 3.0)
+    assert d2.sticky and d2.decode == d.decode and d2.home_moved_from is None
+
+
+def test_home_moves_when_overloaded_and_says_so():
+    pol = zcube_policy(PolicyConfig(sessions=SessionConfig(move_memory_pressure=0.9)))
+    first = pol.select_pair(PairRequest(request_id="r0", session_id="s"), 0.0)
+    pol.report_load(LoadReport(engine_id=first.decode, memory_pressure=0.89), 1.0)
+    assert pol.select_pair(PairRequest(request_id="r1", session_id="s"), 1.0).decode == first.decode
+    pol.report_load(LoadReport(engine_id=first.decode, memory_pressure=0.92), 2.0)
+    moved = pol.select_pair(PairRequest(request_id="r2", session_id="s"), 2.0)
+    assert moved.home_moved_from == first.decode and moved.decode != first.decode
+    assert pol.snapshot(2.0)["counters"]["home_moves"] == 1
+
+
+def test_idle_sessions_are_forgotten():
+    pol = loopback_policy(PolicyConfig(sessions=SessionConfig(idle_ttl_s=10.0)))
+    pol.select_pair(PairRequest(request_id="r0", session_id="s"), 0.0)
+    assert pol.snapshot(0.0)["sessions"] == 1
+    pol.expire(11.0)
+    assert pol.snapshot(11.0)["sessions"] == 0
+
+
+# ---- snapshot --------------------------------------------------------------------------------------------
+
+
+def test_snapshot_is_json_and_msgpack_safe():
+    pol = zcube_policy()
+    d = pol.select_pair(PairRequest(request_id="r0", prompt_tokens=1000), 0.0)
+    g = lease(pol, "t", d.prefill, d.decode, nbytes=8 * GB)
+    pol.release_lease(g.lease_id, TransferOutcome(lease_id=g.lease_id, ok=False, bytes=0, seconds=0.1,
+                                                  error="peer reset"), 0.5)
+    lease(pol, "t2", d.prefill, d.decode)
+    snap = pol.snapshot(1.0)
+    assert json.loads(json.dumps(snap)) == snap
+    assert msgpack.unpackb(msgpack.packb(snap), strict_map_key=False) == snap
+    assert len(snap["engines"]) == 8 and len(snap["leases"]) == 1 and snap["sessions"] == 0
+    assert all(p["failures"] == 1 for p in snap["paths"])
