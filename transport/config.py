@@ -66,6 +66,9 @@ class TransportConfig(BaseModel):
     max_inflight_sends: int = Field(default=64, ge=1)
     #: Set when P and D run different TP sizes; without it rank i only talks to rank i.
     hetero_tp: HeteroTP | None = None
+    #: UCX options every path's context gets unless the path sets them (a 1 s keepalive turns a dead
+    #: peer into an endpoint error in about a second instead of waiting for the deadline).
+    ucx_defaults: dict[str, str] = Field(default_factory=lambda: {"KEEPALIVE_INTERVAL": "1s"})
     #: Extra process-wide UCX env (applied with setdefault before ucxx is imported).
     ucx_env: dict[str, str] = Field(default_factory=lambda: dict(UCX_BASE_ENV))
 

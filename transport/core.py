@@ -403,6 +403,8 @@ class KVTransport:
                 for t in (send, get):
                     if not t.done():
                         t.cancel()
+                    elif not t.cancelled():
+                        t.exception()  # retrieved here; the reason is reported below via the link
             if get.done() and not get.cancelled():
                 reply = get.result()  # the receiver answered before our sends finished (a failure)
             elif link.dead.done():

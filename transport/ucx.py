@@ -159,7 +159,8 @@ class UcxBackend:
 
     async def start(self) -> PathAddress:
         loop = asyncio.get_running_loop()
-        self.ctx = ApplicationContext(config_dict=dict(self.cfg.ucx), progress_mode="blocking")
+        options = {**self.core.config.ucx_defaults, **self.cfg.ucx}
+        self.ctx = ApplicationContext(config_dict=options, progress_mode="blocking")
         task = ProgressTasks.get(loop)
         if task is None or task.worker is not self.ctx.worker:
             # ucxx keeps one progress task per event loop; a second path on the same loop needs its own.

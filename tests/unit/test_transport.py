@@ -1,0 +1,240 @@
+"""kvlane.transport end to end between two processes on loopback, for both backends: bytes land
+exactly where asked, refusals (rank, layout, mismatched offer) are loud, deadlines turn into clear
+failures, and a SIGKILLed peer never hangs or takes down the survivor."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from kvlane.transport import (
+    BlockCopy,
+    BlockShape,
+    KVTransport,
+    LayoutMismatchError,
+    RankMismatchError,
+    TransportConfig,
+    block_copies,
+)
+from kvlane.transport.ranks import routes_between
+from transport_peer import Peer, make_regions  # tests/unit is on sys.path (pytest rootdir import)
+
+HAS_UCXX = importlib.util.find_spec("ucxx") is not None
+BACKENDS = [
+    pytest.param("tcp", id="tcp"),
+    pytest.param("ucx", id="ucx", marks=[pytest.mark.ucx,
+                                        pytest.mark.skipif(not HAS_UCXX, reason="ucxx not importable")]),
+]
+PATH = {"tcp": "tcp", "ucx": "shm"}
+BLOCK = [2, 4, 16]  # [kv_heads, block_size, 2*head_size] fp16 → 256-byte blocks
+SHAPE = BlockShape(kv_heads=2, block_size=4, head_size=8, itemsize=2)
+P_BLOCKS, D_BLOCKS = 16, 24
+
+
+def config(backend: str, **kw: Any) -> dict[str, Any]:
+    paths = {"tcp": {}} if backend == "tcp" else {"shm": {"ucx": {"TLS": "sm,self"}}}
+    return {"backend": backend, "paths": paths, "tp_size": 2, "connect_timeout_s": 5.0, **kw}
+
+
+def init(peer: Peer, backend: str, *, rank: int = 0, blocks: int = D_BLOCKS, block_shape: list[int] = BLOCK,
+         dtype: str = "float16", seed: int | None = None, tag: str = "", n_regions: int = 2, **cfg: Any) -> bytes:
+    r = peer.call(op="init", engine="D", rank=rank, config=config(backend, **cfg), n_regions=n_regions,
+                  num_blocks=blocks, block_shape=block_shape, dtype=dtype, seed=seed, layout_tag=tag)
+    assert "error" not in r, r
+    return r["descriptor"]
+
+
+def same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Bit equality (random fp16 bytes contain NaNs)."""
+    return a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def rows(copies: list[BlockCopy]) -> list[list[int]]:
+    return [[c.region, c.src_offset, c.dst_offset, c.nbytes] for c in copies]
+
+
+def child_regions(peer: Peer, blocks: int = D_BLOCKS) -> list[np.ndarray]:
+    return [np.frombuffer(b, np.float16).reshape(blocks, *BLOCK) for b in peer.call(op="regions")["regions"]]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def pair(request: pytest.FixtureRequest) -> Iterator[tuple[str, KVTransport, list[np.ndarray], Peer]]:
+    backend = request.param
+    src = make_regions(2, P_BLOCKS, BLOCK, "float16", seed=7)
+    p = KVTransport("P", 0, TransportConfig.model_validate(config(backend)))
+    p.register_regions(src)
+    d = Peer()
+    yield backend, p, src, d
+    p.close()
+    d.stop()
+
+
+def test_push_lands_exact_bytes_and_leaves_other_blocks(pair: Any) -> None:
+    backend, p, src, d = pair
+    handle = p.connect(init(d, backend))  # fresh zeroed regions
+    plan = {0: ([1, 2, 3, 9], [20, 21, 22, 4]), 1: ([0, 15], [23, 0])}
+    copies = [c for r, (s, t) in plan.items() for c in block_copies(r, s, t, SHAPE)]
+    assert len(copies) == 4  # 1,2,3 → 20,21,22 coalesced
+    assert d.call(op="expect", tid="req-1", copies=rows(copies), deadline=10.0) == {"armed": True}
+    res = p.push(handle, "req-1", PATH[backend], copies, deadline_s=10.0).result(15)
+    assert res.ok, res.error
+    assert res.bytes == 6 * 256 and res.path == PATH[backend]
+    rec = d.call(op="result", tid="req-1")
+    assert rec["ok"] and rec["bytes"] == 6 * 256, rec
+    got = child_regions(d)
+    for r, (s, t) in plan.items():
+        assert same(got[r][t], src[r][s])
+        untouched = [b for b in range(D_BLOCKS) if b not in t]
+        assert not got[r][untouched].any()
+
+
+def test_offer_before_expect_waits_for_the_receiver(pair: Any) -> None:
+    backend, p, src, d = pair
+    handle = p.connect(init(d, backend))
+    copies = block_copies(0, [5], [6], SHAPE)
+    fut = p.push(handle, "req-early", PATH[backend], copies, deadline_s=10.0)
+    time.sleep(0.2)
+    assert not fut.done()
+    d.call(op="expect", tid="req-early", copies=rows(copies), deadline=10.0)
+    assert fut.result(15).ok
+    assert d.call(op="result", tid="req-early")["ok"]
+    assert same(child_regions(d)[0][6], src[0][5])
+
+
+def test_receiver_deadline_expires_with_clear_error(pair: Any) -> None:
+    backend, _, _, d = pair
+    init(d, backend)
+    t0 = time.monotonic()
+    d.call(op="expect", tid="req-late", copies=[[0, 0, 0, 256]], deadline=0.3)
+    res = d.call(op="result", tid="req-late")
+    assert not res["ok"] and res["bytes"] == 0
+    assert "deadline of 0.3s expired" in res["error"] and "req-late" in res["error"]
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_offer_that_differs_from_expect_is_refused_on_both_sides(pair: Any) -> None:
+    backend, p, _, d = pair
+    handle = p.connect(init(d, backend))
+    d.call(op="expect", tid="req-bad", copies=rows(block_copies(0, [0], [1], SHAPE)), deadline=5.0)
+    res = p.push(handle, "req-bad", PATH[backend], block_copies(0, [0], [2], SHAPE), deadline_s=5.0).result(10)
+    assert not res.ok and "differ from the expected" in res.error
+    rec = d.call(op="result", tid="req-bad")
+    assert not rec["ok"] and "differ from the expected" in rec["error"]
+
+
+def test_sender_deadline_when_nobody_expects(pair: Any) -> None:
+    backend, p, _, d = pair
+    handle = p.connect(init(d, backend))
+    t0 = time.monotonic()
+    res = p.push(handle, "req-orphan", PATH[backend], block_copies(0, [0], [0], SHAPE), deadline_s=0.4).result(5)
+    assert not res.ok and "deadline of 0.4s expired while waiting for the receiver to arm" in res.error
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_bad_copies_refused_before_anything_moves(pair: Any) -> None:
+    backend, p, _, d = pair
+    handle = p.connect(init(d, backend))
+    with pytest.raises(ValueError, match="past peer region 0"):
+        p.push(handle, "x", PATH[backend], [BlockCopy(0, 0, D_BLOCKS * 256 - 8, 256)], 1.0)
+    with pytest.raises(ValueError, match="source range ends past our region"):
+        p.push(handle, "x", PATH[backend], [BlockCopy(1, P_BLOCKS * 256, 0, 1)], 1.0)
+    with pytest.raises(ValueError, match="overlap"):
+        p.push(handle, "x", PATH[backend], [BlockCopy(0, 0, 0, 256), BlockCopy(0, 512, 128, 256)], 1.0)
+    with pytest.raises(ValueError, match="transfer id"):
+        p.push(handle, "bad id!", PATH[backend], [BlockCopy(0, 0, 0, 1)], 1.0)
+
+
+def test_rank_and_layout_mismatch_refused(pair: Any) -> None:
+    backend, p, _, d = pair
+    with pytest.raises(RankMismatchError, match="may only talk to TP rank 0"):
+        p.connect(init(d, backend, rank=1))
+    with pytest.raises(LayoutMismatchError, match="block bytes 512 != ours 256"):
+        p.connect(init(d, backend, block_shape=[4, 4, 16]))
+    with pytest.raises(LayoutMismatchError, match="dtype float32 != ours float16"):
+        p.connect(init(d, backend, block_shape=[1, 4, 16], dtype="float32"))
+    with pytest.raises(LayoutMismatchError, match="1 regions != our 2"):
+        p.connect(init(d, backend, n_regions=1))
+    with pytest.raises(LayoutMismatchError, match="layout tag 'avx512' != ours ''"):
+        p.connect(init(d, backend, tag="avx512"))
+
+
+def test_hetero_tp_mapping_moves_one_head_slice(pair: Any) -> None:
+    """P TP=2 (2 heads/rank) → D TP=4 (1 head/rank): D rank 1 takes P rank 0's second head."""
+    backend, _, _, d = pair
+    het = {"p_tp": 2, "d_tp": 4, "total_kv_heads": 4}
+    d_desc = init(d, backend, rank=1, block_shape=[1, 4, 16], tp_size=4, hetero_tp=het)
+    src = make_regions(2, P_BLOCKS, BLOCK, "float16", seed=3)
+    cfg = TransportConfig.model_validate(config(backend, hetero_tp=het))
+    with KVTransport("P", 0, cfg) as p:
+        p.register_regions(src)
+        handle = p.connect(d_desc)
+        route = routes_between(2, 4, 4, p_rank=0, d_rank=1)[0]
+        d_shape = BlockShape(1, 4, 8, 2)
+        copies = block_copies(0, [2, 3], [5, 7], SHAPE, d_shape, route)
+        d.call(op="expect", tid="het", copies=rows(copies), deadline=10.0)
+        assert p.push(handle, "het", PATH[backend], copies, 10.0).result(15).ok
+        assert d.call(op="result", tid="het")["ok"]
+        got = [np.frombuffer(b, np.float16).reshape(D_BLOCKS, 1, 4, 16) for b in d.call(op="regions")["regions"]]
+        assert same(got[0][[5, 7], 0], src[0][[2, 3], 1])
+        with pytest.raises(RankMismatchError, match="share no KV head"):
+            p.connect(init(d, backend, rank=2, block_shape=[1, 4, 16], tp_size=4, hetero_tp=het))
+
+
+BIG_BLOCKS = 1 << 17  # 256-byte blocks → 32 MiB in region 0, moved as one coalesced run
+BIG_COPIES = block_copies(0, list(range(BIG_BLOCKS)), list(range(BIG_BLOCKS)), SHAPE)
+
+
+def test_receiver_killed_mid_transfer_sender_fails_in_time_and_lives_on(pair: Any) -> None:
+    backend, p, small, d = pair
+    p.register_regions(make_regions(2, BIG_BLOCKS, BLOCK, "float16", seed=1))
+    victim = Peer()
+    try:
+        handle = p.connect(init(victim, backend, blocks=BIG_BLOCKS))
+        victim.call(op="expect", tid="big-1", copies=rows(BIG_COPIES), deadline=30.0)
+        t0 = time.monotonic()
+        fut = p.push(handle, "big-1", PATH[backend], BIG_COPIES, deadline_s=3.0)
+        time.sleep(0.01)
+        victim.kill()
+        res = fut.result(10)
+        assert time.monotonic() - t0 < 3.5
+        if res.ok:  # the whole transfer beat the kill: the receiver confirmed before dying
+            assert res.bytes == 32 << 20
+        else:
+            assert "broke" in res.error or "deadline of 3.0s expired" in res.error, res
+        # the survivor keeps working, with a new peer
+        handle = p.connect(init(d, backend, blocks=BIG_BLOCKS))
+        few = block_copies(0, [0, 1, 2], [10, 11, 12], SHAPE)
+        d.call(op="expect", tid="big-2", copies=rows(few), deadline=10.0)
+        assert p.push(handle, "big-2", PATH[backend], few, deadline_s=10.0).result(15).ok
+        assert d.call(op="result", tid="big-2")["ok"]
+    finally:
+        victim.stop()
+        p.register_regions(small)
+
+
+def test_sender_killed_mid_transfer_receiver_fails_in_time(pair: Any) -> None:
+    backend, p, small, _ = pair
+    p.register_regions(make_regions(2, BIG_BLOCKS, BLOCK, "float16", seed=None))
+    sender = Peer()
+    try:
+        r = sender.call(op="init", engine="S", rank=0, config=config(backend), n_regions=2,
+                        num_blocks=BIG_BLOCKS, block_shape=BLOCK, dtype="float16", seed=2)
+        assert "error" not in r, r
+        assert sender.call(op="connect", descriptor=p.descriptor()) == {"connected": True}
+        t0 = time.monotonic()
+        fut = p.expect("big-3", BIG_COPIES, deadline_s=2.0)
+        sender.send(op="push", descriptor=p.descriptor(), tid="big-3", path=PATH[backend],
+                    copies=rows(BIG_COPIES), deadline=20.0, wait=False)
+        time.sleep(0.02)
+        sender.kill()
+        res = fut.result(10)
+        assert time.monotonic() - t0 < 2.5
+        if not res.ok:
+            assert "broke" in res.error or "deadline of 2.0s expired" in res.error, res
+    finally:
+        sender.stop()
+        p.register_regions(small)
