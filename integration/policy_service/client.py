@@ -292,14 +292,16 @@ class PolicyClient(PolicyApi):
             frame = P.encode_frame(P.request_frame(req_id, op, body, auth), conn.max_frame)
             fut: asyncio.Future[dict[str, Any]] = loop.create_future()
             conn.pending[req_id] = fut
+            # Written at once, with no await since the id was drawn: ids reach the server in increasing order
+            # (the server requires that when auth is on).
+            conn.writer.write(frame)
 
-            async def send_and_wait(conn: _Conn = conn, frame: bytes = frame, fut: asyncio.Future = fut) -> Any:
-                conn.writer.write(frame)
+            async def drain_and_wait(conn: _Conn = conn, fut: asyncio.Future = fut) -> Any:
                 await conn.writer.drain()
                 return await fut
 
             try:
-                return await asyncio.wait_for(send_and_wait(), max(deadline - loop.time(), 0.0))
+                return await asyncio.wait_for(drain_and_wait(), max(deadline - loop.time(), 0.0))
             except asyncio.TimeoutError:
                 raise P.CallTimeout(f"{op} to {self.address}: no reply within {timeout:g} s") from None
             except (P.ConnectionLost, ConnectionError) as exc:

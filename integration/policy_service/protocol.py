@@ -363,7 +363,7 @@ class OpSpec:
 
 OPS: dict[str, OpSpec] = {
     "ping": OpSpec(Empty, True),
-    "register_engine": OpSpec(EngineInfo, False),
+    "register_engine": OpSpec(EngineInfo, True),  # the same EngineInfo again is a no-op
     "remove_engine": OpSpec(EngineRef, False),
     "list_engines": OpSpec(Empty, True),
     "report_load": OpSpec(LoadReport, True),

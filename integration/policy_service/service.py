@@ -201,7 +201,7 @@ class PolicyService:
     def sweep_once(self) -> list[str]:
         """Expire overdue leases (policy) and announce entries (board). Returns the expired lease ids."""
         now = self.clock()
-        expired = list(self.policy.expire(now))
+        expired = list(self.policy.expire(now) or [])
         if expired:
             self.metrics.leases_expired.inc(len(expired))
             log.info("expired %d lease(s): %s", len(expired), ", ".join(expired[:10]))

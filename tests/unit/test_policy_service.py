@@ -25,6 +25,9 @@ from kvlane.integration.policy_service import (
     parse_address,
 )
 from kvlane.integration.policy_service import protocol as P
+from kvlane.policy.config import CreditConfig, PolicyConfig
+from kvlane.policy.core import Policy
+from kvlane.policy.topology import load_topology
 from kvlane.policy.types import (
     EngineInfo,
     LeaseDenied,
@@ -49,70 +52,16 @@ class FakeClock:
         return self.now
 
 
-class _FakePolicy:
-    """TEMPORARY stand-in for kvlane.policy.core.Policy until it lands (same API, trivial decisions)."""
-
-    def __init__(self, lease_ttl_s: float) -> None:
-        self.ttl = lease_ttl_s
-        self._engines: dict[str, EngineInfo] = {}
-        self._leases: dict[str, LeaseGrant] = {}
-        self._n = 0
-
-    def register_engine(self, info, now):
-        self._engines[info.engine_id] = info
-
-    def remove_engine(self, engine_id, now):
-        if self._engines.pop(engine_id, None) is None:
-            raise UnknownEngine(f"unknown engine {engine_id!r}")
-
-    def report_load(self, report, now):
-        if report.engine_id not in self._engines:
-            raise UnknownEngine(f"unknown engine {report.engine_id!r}")
-
-    def engines(self):
-        return list(self._engines.values())
-
-    def select_pair(self, req, now):
-        from kvlane.policy.types import PairDecision
-
-        ps = [e for e in self._engines.values() if e.role.can_prefill()]
-        ds = [e for e in self._engines.values() if e.role.can_decode()]
-        if not ps or not ds:
-            raise NoPairAvailable("no engines")
-        return PairDecision(request_id=req.request_id, prefill=ps[0].engine_id, decode=ds[0].engine_id,
-                            score=0.0, breakdown={}, locality="same_tile")
-
-    def acquire_lease(self, req, now):
-        if sum(1 for g in self._leases.values() if g.decode == req.decode) >= 3:
-            return LeaseDenied(transfer_id=req.transfer_id, reason="streams", retry_after=0.1)
-        self._n += 1
-        g = LeaseGrant(lease_id=f"L-{self._n}", transfer_id=req.transfer_id, prefill=req.prefill,
-                       decode=req.decode, bytes=req.bytes, klass="reserved", paths=[], granted_at=now,
-                       expires_at=now + self.ttl)
-        self._leases[g.lease_id] = g
-        return g
-
-    def release_lease(self, lease_id, outcome, now):
-        return self._leases.pop(lease_id, None) is not None
-
-    def expire(self, now):
-        gone = [k for k, g in self._leases.items() if g.expires_at <= now]
-        for k in gone:
-            del self._leases[k]
-        return gone
-
-    def snapshot(self, now):
-        return {"engines": sorted(self._engines), "leases": len(self._leases)}
-
-
-def make_policy(lease_ttl_s: float = 10.0):
-    return _FakePolicy(lease_ttl_s)
+def make_policy(lease_ttl_s: float = 10.0) -> Policy:
+    """The real policy on a 4-GPU loopback fabric (GPUs n0.g0 .. n0.g3)."""
+    config = PolicyConfig(credits=CreditConfig(lease_ttl_s=lease_ttl_s))
+    return Policy(load_topology("loopback:gpus=4"), config)
 
 
 def _engines() -> list[EngineInfo]:
     return [
-        EngineInfo(engine_id="p0", role=Role.PREFILL, gpus=["gpu0"], kv_bytes_per_token=1024),
-        EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["gpu1"], kv_bytes_per_token=1024),
+        EngineInfo(engine_id="p0", role=Role.PREFILL, gpus=["n0.g0"], kv_bytes_per_token=1024),
+        EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["n0.g1"], kv_bytes_per_token=1024),
     ]
 
 
@@ -342,6 +291,8 @@ async def test_right_secret_works(secure_server):
         for info in _engines():
             await c.register_engine(info)
         assert len(await c.engines()) == 2
+        # pipelined calls: ids must reach the server in increasing order, or auth would refuse them
+        assert await asyncio.gather(*(c.ping() for _ in range(30))) == [1000.0] * 30
 
 
 async def test_wrong_secret_is_auth_failed(secure_server):
