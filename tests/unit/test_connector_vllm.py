@@ -1,0 +1,206 @@
+"""Unit tests of the kvlane vLLM connector's parts that run without an engine: request/config validation,
+the ordered transfer state, worker->scheduler report aggregation, stats, and the block mover (two
+in-process "ranks" over loopback TCP)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from kvlane.connector.vllm.blockwire import BlockServer, PagedLayers, push_blocks  # noqa: E402
+from kvlane.connector.vllm.meta import KVLaneStats, KVLaneWorkerMeta, RankReport  # noqa: E402
+from kvlane.connector.vllm.params import (  # noqa: E402
+    ParamsError,
+    TransferState,
+    parse_config,
+    parse_params,
+)
+from kvlane.connector.vllm.worker import decode_descriptor, encode_descriptor  # noqa: E402
+
+GOOD = {"kvlane": 1, "transfer_id": "t-1", "session_id": "s1", "prefill": "p0", "decode": "d0",
+        "policy": "tcp://127.0.0.1:7000", "role": "decode"}
+
+
+def test_params_valid_and_not_ours():
+    p = parse_params(GOOD)
+    assert p is not None and p.decode == "d0" and p.role == "decode"
+    assert parse_params(None) is None
+    assert parse_params({"do_remote_prefill": True}) is None  # another connector's params: not ours
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [({"transfer_id": "has space"}, "transfer_id"), ({"policy": "http://x:1"}, "policy"),
+     ({"role": "both"}, "role"), ({"kvlane": 2}, "kvlane"), ({"extra": 1}, "extra"), ({"decode": ""}, "decode")],
+)
+def test_params_malformed_name_the_field(change, field):
+    with pytest.raises(ParamsError, match=field):
+        parse_params({**GOOD, **change})
+
+
+def test_params_not_a_map():
+    with pytest.raises(ParamsError, match="must be an object"):
+        parse_params(["kvlane"])
+
+
+def test_config_defaults_and_errors():
+    cfg = parse_config({"policy": "tcp://127.0.0.1:1", "role": "prefill", "engine_id": "p0"})
+    assert cfg.gpu_ids(2) == ["local.g0", "local.g1"]
+    assert cfg.fault_injection.corrupt_kv is False
+    with pytest.raises(ValueError, match="tensor_parallel_size is 2"):
+        parse_config({"policy": "tcp://h:1", "role": "prefill", "engine_id": "p0", "gpus": ["a"]}).gpu_ids(2)
+    with pytest.raises(ValueError, match="bogus"):
+        parse_config({"policy": "tcp://h:1", "role": "prefill", "engine_id": "p0", "bogus": 1})
+    with pytest.raises(ValueError, match="role"):
+        parse_config({"policy": "tcp://h:1", "role": "router", "engine_id": "p0"})
+
+
+def test_group_state_is_the_min():
+    S = TransferState
+    assert S.of_group([S.DONE, S.DONE]) == S.DONE
+    assert S.of_group([S.DONE, S.TRANSFERRING]) == S.TRANSFERRING
+    assert S.of_group([S.DONE, S.FAILED, S.LEASED]) == S.FAILED
+
+
+def test_worker_meta_aggregates_across_ranks():
+    a = KVLaneWorkerMeta(armed={"r1": 1}, pushed={"r2": [RankReport(0, True, 10, 0.1, "p1")]})
+    b = KVLaneWorkerMeta(armed={"r1": 1, "r3": 1}, pushed={"r2": [RankReport(1, False, 4, 0.2, "p2", "boom")]})
+    c = a.aggregate(b)
+    assert c.armed == {"r1": 2, "r3": 1}
+    assert [r.rank for r in c.pushed["r2"]] == [0, 1]
+    assert a.armed == {"r1": 1}  # inputs untouched
+
+
+def test_stats_aggregate_and_reduce():
+    s = KVLaneStats()
+    assert s.is_empty()
+    s.data["push_bytes"].append(2_000_000)
+    s.data["push_seconds"].append(0.5)
+    s.count("paths", "local")
+    t = KVLaneStats(data={"push_bytes": [1_000_000], "push_seconds": [0.5], "paths": {"local": 2},
+                          "failures": {"no_lease": 1}})
+    s.aggregate(t)
+    r = s.reduce()
+    assert r["kvlane_pushes"] == 2 and r["kvlane_push_MB"] == 3.0
+    assert r["kvlane_push_GBps"] == 0.003  # 3 MB in 1 s
+    assert r["kvlane_path[local]"] == 3 and r["kvlane_failures"] == 1
+
+
+# ------------------------------------------------------------------------------------------ blockwire
+
+NUM_BLOCKS, HEADS, BS, HD2 = 16, 2, 32, 64
+
+
+def _cache(seed: int, layers: int = 2) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn((layers, NUM_BLOCKS, HEADS, BS, HD2), generator=g)
+    return {f"model.layers.{i}.self_attn": buf[i] for i in range(layers)}
+
+
+@pytest.fixture
+def pair():
+    src, dst = _cache(1), _cache(2)
+    ps, pd = PagedLayers(src, BS), PagedLayers(dst, BS)
+    server = BlockServer(pd, rank=0)
+    yield src, dst, ps, server
+    server.close()
+
+
+def _wait_result(server: BlockServer, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = server.poll(time.monotonic())
+        if out:
+            return out
+        time.sleep(0.01)
+    raise AssertionError("no receive result")
+
+
+def test_push_copies_exactly_the_named_blocks(pair):
+    src, dst, ps, server = pair
+    before = {k: v.clone() for k, v in dst.items()}
+    server.arm("t1", [7, 3, 9], time.monotonic() + 10)
+    res = push_blocks(ps, server.descriptor(), 0, "t1", [0, 1, 2], [7, 3, 9], time.monotonic() + 10)
+    assert res.ok, res.error
+    block_bytes = HEADS * BS * HD2 * 4
+    assert res.bytes == 3 * 2 * block_bytes  # 3 blocks x 2 layers
+    (r,) = _wait_result(server)
+    assert r.ok and r.bytes == res.bytes
+    for name in src:
+        for s_b, d_b in ((0, 7), (1, 3), (2, 9)):
+            assert torch.equal(dst[name][d_b], src[name][s_b])
+        untouched = [b for b in range(NUM_BLOCKS) if b not in (7, 3, 9)]
+        assert torch.equal(dst[name][untouched], before[name][untouched])
+
+
+def test_corrupt_flips_the_wire_copy_only(pair):
+    src, dst, ps, server = pair
+    keep = {k: v.clone() for k, v in src.items()}
+    server.arm("t2", [4], time.monotonic() + 10)
+    res = push_blocks(ps, server.descriptor(), 0, "t2", [5], [4], time.monotonic() + 10, corrupt=True)
+    assert res.ok
+    _wait_result(server)
+    for name in src:
+        assert torch.equal(src[name], keep[name])  # P's own cache intact
+        assert not torch.equal(dst[name][4], src[name][5])
+
+
+def test_unarmed_push_is_refused_and_writes_nothing(pair):
+    src, dst, ps, server = pair
+    before = {k: v.clone() for k, v in dst.items()}
+    res = push_blocks(ps, server.descriptor(), 0, "never-armed", [0], [1], time.monotonic() + 5)
+    assert not res.ok and "not armed" in res.error
+    for name in dst:
+        assert torch.equal(dst[name], before[name])
+
+
+def test_layout_and_rank_mismatch_are_refused_loudly(pair):
+    _, _, _, server = pair
+    other = PagedLayers({"l0": torch.zeros((NUM_BLOCKS, HEADS, BS, 32))}, BS)  # other head size, 1 layer
+    server.arm("t3", [1], time.monotonic() + 5)
+    res = push_blocks(other, server.descriptor(), 0, "t3", [0], [1], time.monotonic() + 5)
+    assert not res.ok and "layout mismatch" in res.error and "block_shape=2x32x32" in res.error
+    res = push_blocks(PagedLayers(_cache(3), BS), server.descriptor(), 1, "t3", [0], [1], time.monotonic() + 5)
+    assert not res.ok and "cross-rank" in res.error
+
+
+def test_expired_expectation_fails_and_late_push_is_refused(pair):
+    src, dst, ps, server = pair
+    server.arm("t4", [2], time.monotonic() + 0.05)
+    time.sleep(0.1)
+    (r,) = server.poll(time.monotonic())
+    assert not r.ok and "deadline" in r.error
+    before = dst[next(iter(dst))].clone()
+    res = push_blocks(ps, server.descriptor(), 0, "t4", [0], [2], time.monotonic() + 5)
+    assert not res.ok
+    assert torch.equal(dst[next(iter(dst))], before)
+
+
+def test_cancel_reports_once(pair):
+    _, _, _, server = pair
+    server.arm("t5", [2], time.monotonic() + 60)
+    server.cancel("t5", "request aborted")
+    (r,) = server.poll(time.monotonic())
+    assert not r.ok and r.error == "request aborted"
+    assert server.poll(time.monotonic()) == []
+
+
+def test_push_to_dead_peer_fails_within_deadline():
+    ps = PagedLayers(_cache(1), BS)
+    t0 = time.monotonic()
+    res = push_blocks(ps, {"host": "127.0.0.1", "port": 9, "rank": 0, "fingerprint": ps.fingerprint},
+                      0, "t6", [0], [0], time.monotonic() + 3)
+    assert not res.ok and time.monotonic() - t0 < 5
+
+
+def test_descriptor_round_trip_and_refusals():
+    d = encode_descriptor("d0", 2, {"host": "127.0.0.1", "port": 5, "rank": 1, "fingerprint": "f"})
+    assert decode_descriptor(d, 1)["port"] == 5
+    with pytest.raises(ValueError, match="says rank 1"):
+        decode_descriptor(d, 0)
+    with pytest.raises(ValueError, match="not msgpack"):
+        decode_descriptor(b"\xc1", 0)
