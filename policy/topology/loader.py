@@ -52,7 +52,7 @@ class NodeSpec(_Strict):
 
 
 class SwitchSpec(_Strict):
-    id: Ident
+    id: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.\-]+$")]
 
 
 class LinkSpec(_Strict):
@@ -66,20 +66,28 @@ class LinkSpec(_Strict):
 class TopologyFile(_Strict):
     name: Ident = "topology"
     nodes: list[NodeSpec] = Field(min_length=1)
-    switches: list[SwitchSpec | Ident] = Field(default_factory=list)
+    switches: list[SwitchSpec] = Field(default_factory=list)
     links: list[LinkSpec] = Field(default_factory=list)
+    #: optional names for the paths leaving on port X and arriving on port Y: {"p0-p1": "zcube-path1"};
+    #: unlisted pairs are named "X" (same port name) or "X-Y"; equal-cost variants get "-1", "-2", ...
+    path_names: dict[str, Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=dict)
+
+    @field_validator("switches", mode="before")
+    @classmethod
+    def _switch_ids(cls, v: Any) -> Any:
+        return [{"id": s} if isinstance(s, str) else s for s in v] if isinstance(v, list) else v
 
 
 _FIELDS = {f for m in (NodeSpec, SwitchSpec, LinkSpec, TopologyFile) for f in m.model_fields}
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def _loc(loc: tuple[Any, ...], etype: str = "") -> str:
     """"links.3.b" style pydantic locations → "links[3].b", dropping union-branch labels."""
     out = ""
-    for p in loc:
+    for i, p in enumerate(loc):
         if isinstance(p, int):
             out += f"[{p}]"
-        elif p in _FIELDS:
+        elif p in _FIELDS or (etype == "extra_forbidden" and i == len(loc) - 1):
             out += f".{p}" if out else str(p)
     return out or "<root>"
 
@@ -91,9 +99,17 @@ def topology_from_dict(data: Any, source: str = "<dict>") -> Topology:
     try:
         doc = TopologyFile.model_validate(data)
     except ValidationError as exc:
-        errs = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        errs = [f"{_loc(e['loc'], e['type'])}: {e['msg']}" for e in exc.errors()]
         raise TopologyError(f"{source}: " + "; ".join(dict.fromkeys(errs))) from None
     t = Topology(doc.name, spec=source)
+    if doc.path_names:
+        names = dict(doc.path_names)
+
+        def namer(sp: str, dp: str, i: int) -> str:
+            base = names.get(f"{sp}-{dp}") or (sp if sp == dp else f"{sp}-{dp}")
+            return base if i == 0 else f"{base}-{i}"
+
+        t.set_router(namer=namer)
     port_names: dict[str, str] = {}  # port id -> gpu
     for i, n in enumerate(doc.nodes):
         try:
@@ -104,9 +120,8 @@ def topology_from_dict(data: Any, source: str = "<dict>") -> Topology:
             for p in n.ports:
                 port_names[f"{g}.{p}"] = g
     for i, s in enumerate(doc.switches):
-        sid = s if isinstance(s, str) else s.id
         try:
-            t.add_switch(sid)
+            t.add_switch(s.id)
         except TopologyError as exc:
             raise TopologyError(f"{source}: switches[{i}]: {exc}") from None
     switches = set(t.switches)
@@ -152,6 +167,24 @@ def topology_from_dict(data: Any, source: str = "<dict>") -> Topology:
         raise TopologyError(f"{source}: NIC port {missing[0]!r} is declared but not wired to any switch"
                             + (f" ({len(missing) - 1} more)" if len(missing) > 1 else ""))
     return t
+
+
+def topology_to_dict(t: Topology, path_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """The YAML document for `t` (inverse of `topology_from_dict`, up to the generator's custom router)."""
+    nodes = []
+    for nd in t.nodes:
+        gpus = t.gpus_of(nd)
+        entry: dict[str, Any] = {"id": nd, "gpus": len(gpus)}
+        ports = [pid.rsplit(".", 1)[1] for pid in t.ports_of(gpus[0])]
+        if ports != ["p0"]:
+            entry["ports"] = ports
+        entry.update({k: v for k, v in t.node_attrs(nd).items() if v is not None and (k != "cell" or v)})
+        nodes.append(entry)
+    links = [{"a": ln.a, "b": ln.b, "gbps": ln.gbps, "kind": ln.kind} for ln in t.links]
+    doc: dict[str, Any] = {"name": t.name, "nodes": nodes, "switches": t.switches, "links": links}
+    if path_names:
+        doc["path_names"] = dict(path_names)
+    return doc
 
 
 def load_yaml(path: str | os.PathLike[str]) -> Topology:

@@ -48,6 +48,7 @@ class Placement:
     flex: list[str]
     roles: dict[str, str]            # node -> prefill | decode | flex
     switches: list[SwitchBalance] = field(default_factory=list)
+    method: str = "flow"             # "flow" (exact floor/ceil rounding) or "greedy" (fallback)
 
     @property
     def max_deviation(self) -> float:
@@ -79,6 +80,7 @@ class Placement:
             "prefill_nodes": sum(1 for r in self.roles.values() if r == PREFILL),
             "decode_nodes": sum(1 for r in self.roles.values() if r == DECODE),
             "target_p_fraction": round(self.target_p_fraction, 6),
+            "method": self.method,
             "max_switch_deviation": round(self.max_deviation, 6),
             "mean_switch_deviation": round(self.mean_deviation, 6),
             "tile_members": {str(t.id): {"prefill": list(t.prefill), "decode": list(t.decode)} for t in self.tiles},
@@ -111,9 +113,13 @@ def plan_tiles(topology: Topology, nodes: int | None = None, ratio: str = "3:2",
     """Place `nodes` nodes (the topology's first N, default all) as ⌊N/(p+d)⌋ tiles of pP+dD plus flex.
 
     1. Flex nodes (the remainder) sit at evenly spaced positions in node order.
-    2. Roles: nodes in order, each takes the role (within the remaining P/D quota) that keeps the switches
-       it touches closest to the target P fraction (sum of squared per-switch deviations, weighted by the
-       switch's port count); this interleaves P and D on every switch dimension (seed §6).
+    2. Roles. Switches with the same set of member nodes form a class (ZCube: one class per A switch, one
+       per group of B switches; ROFT: one per rail group). When every node lies in at most two classes and
+       the classes form a bipartite graph (every fabric generated here except ZCube k≥3), P counts are
+       rounded by a min-cost flow so that every class, and every (row, column) cell, gets ⌊f·n⌋ or ⌈f·n⌉
+       prefill nodes (f = p/(p+d); the rounding exists by Bacharach's matrix-rounding theorem): every
+       switch is then within one node's ports of the global ratio. Otherwise a greedy pass gives each node
+       the role that keeps its switches closest to the ratio.
     3. Tiles: walking nodes in order, each P (D) node joins the earliest tile still short of P (D) nodes,
        so a tile's members are neighbours in the fabric.
     """
@@ -131,36 +137,19 @@ def plan_tiles(topology: Topology, nodes: int | None = None, ratio: str = "3:2",
     flex_idx = {int((i + 0.5) * n / n_flex) for i in range(n_flex)} if n_flex else set()
     target = p / size
     ports = {nd: topology.switches_of_node(nd) for nd in chosen}
-    cap: dict[str, int] = {}
-    for i, nd in enumerate(chosen):
-        if i not in flex_idx:
-            for s, c in ports[nd].items():
-                cap[s] = cap.get(s, 0) + c
+    planned = [nd for i, nd in enumerate(chosen) if i not in flex_idx]
+    method = "flow"
+    prefill = _round_by_flow(planned, ports, target, n_tiles * p)
+    if prefill is None:
+        method, prefill = "greedy", _greedy(planned, ports, target, n_tiles * p, n_tiles * d)
+    roles = {nd: (FLEX if i in flex_idx else PREFILL if nd in prefill else DECODE) for i, nd in enumerate(chosen)}
     p_ports: dict[str, int] = {}
     all_ports: dict[str, int] = {}
-    quota = {PREFILL: n_tiles * p, DECODE: n_tiles * d}
-    roles: dict[str, str] = {}
-    for i, nd in enumerate(chosen):
-        if i in flex_idx:
-            roles[nd] = FLEX
-            continue
-        best_role, best_cost = None, 0.0
-        for role in (PREFILL, DECODE):
-            if quota[role] == 0:
-                continue
-            cost = 0.0
-            for s, c in ports[nd].items():
-                ex = p_ports.get(s, 0) + (c if role == PREFILL else 0) - target * (all_ports.get(s, 0) + c)
-                cost += ex * ex / cap[s]
-            if best_role is None or cost < best_cost - 1e-12:
-                best_role, best_cost = role, cost
-        assert best_role is not None
-        roles[nd] = best_role
-        quota[best_role] -= 1
-        for s, c in ports[nd].items():
-            all_ports[s] = all_ports.get(s, 0) + c
-            if best_role == PREFILL:
-                p_ports[s] = p_ports.get(s, 0) + c
+    for nd in planned:
+        for sw, c in ports[nd].items():
+            all_ports[sw] = all_ports.get(sw, 0) + c
+            if nd in prefill:
+                p_ports[sw] = p_ports.get(sw, 0) + c
     open_p: list[list[str]] = [[] for _ in range(n_tiles)]
     open_d: list[list[str]] = [[] for _ in range(n_tiles)]
     for nd in chosen:
@@ -173,11 +162,123 @@ def plan_tiles(topology: Topology, nodes: int | None = None, ratio: str = "3:2",
                 break
     tiles = [Tile(i, tuple(open_p[i]), tuple(open_d[i])) for i in range(n_tiles)]
     balance = []
-    for s in topology.switches:
-        tot = all_ports.get(s, 0)
+    for sw in topology.switches:
+        tot = all_ports.get(sw, 0)
         if tot == 0:
             continue
-        pp = p_ports.get(s, 0)
+        pp = p_ports.get(sw, 0)
         frac = pp / tot
-        balance.append(SwitchBalance(s, pp, tot - pp, frac, abs(frac - target), pp - target * tot))
-    return Placement((p, d), target, tiles, [nd for nd in chosen if roles[nd] == FLEX], roles, balance)
+        balance.append(SwitchBalance(sw, pp, tot - pp, frac, abs(frac - target), pp - target * tot))
+    return Placement((p, d), target, tiles, [nd for nd in chosen if roles[nd] == FLEX], roles, balance, method)
+
+
+def _round_by_flow(nodes: list[str], ports: dict[str, dict[str, int]], f: float, quota: int) -> set[str] | None:
+    """Exact floor/ceil rounding of P counts on a two-family (rows × columns) switch structure, or None."""
+    import math
+
+    import networkx as nx
+
+    members: dict[str, list[str]] = {}
+    for nd in nodes:
+        for sw in ports[nd]:
+            members.setdefault(sw, []).append(nd)
+    cls_of_set: dict[tuple[str, ...], int] = {}
+    node_classes: dict[str, list[int]] = {nd: [] for nd in nodes}
+    for sw in sorted(members):
+        key = tuple(members[sw])
+        if key not in cls_of_set:
+            cls_of_set[key] = len(cls_of_set)
+            for nd in key:
+                node_classes[nd].append(cls_of_set[key])
+    if any(len(c) > 2 or not c for c in node_classes.values()):
+        return None
+    # two-colour the class graph (an edge per node in two classes)
+    adj: dict[int, set[int]] = {c: set() for c in range(len(cls_of_set))}
+    for cs in node_classes.values():
+        if len(cs) == 2:
+            adj[cs[0]].add(cs[1])
+            adj[cs[1]].add(cs[0])
+    colour: dict[int, int] = {}
+    for start in adj:
+        if start in colour:
+            continue
+        colour[start] = 0
+        stack = [start]
+        while stack:
+            u = stack.pop()
+            for v in adj[u]:
+                if v not in colour:
+                    colour[v] = 1 - colour[u]
+                    stack.append(v)
+                elif colour[v] == colour[u]:
+                    return None
+    cells: dict[tuple[str, str], list[str]] = {}
+    for nd in nodes:
+        cs = node_classes[nd]
+        row = next((f"r{c}" for c in cs if colour[c] == 0), "r-free")
+        col = next((f"c{c}" for c in cs if colour[c] == 1), "c-free")
+        cells.setdefault((row, col), []).append(nd)
+    g = nx.DiGraph()
+    demand: dict[str, int] = {"src": -quota, "dst": quota}
+
+    def edge(u: str, v: str, lo: int, hi: int) -> None:
+        g.add_edge(u, v, capacity=hi - lo, weight=0)
+        demand[u] = demand.get(u, 0) + lo
+        demand[v] = demand.get(v, 0) - lo
+
+    rows: dict[str, int] = {}
+    cols: dict[str, int] = {}
+    for (row, col), nds in cells.items():
+        rows[row] = rows.get(row, 0) + len(nds)
+        cols[col] = cols.get(col, 0) + len(nds)
+        x = f * len(nds)
+        edge(row, col, math.floor(x), math.ceil(x))
+    for row, n in rows.items():
+        edge("src", row, *((0, n) if row == "r-free" else (math.floor(f * n), math.ceil(f * n))))
+    for col, n in cols.items():
+        edge(col, "dst", *((0, n) if col == "c-free" else (math.floor(f * n), math.ceil(f * n))))
+    for nd, dmd in demand.items():
+        g.add_node(nd, demand=dmd)
+    try:
+        flow = nx.min_cost_flow(g)
+    except nx.NetworkXUnfeasible:  # pragma: no cover - the rounding theorem says this cannot happen
+        return None
+    chosen: set[str] = set()
+    for (row, col), nds in cells.items():
+        k = flow[row][col] + math.floor(f * len(nds))
+        # spread the k prefill nodes evenly along the cell's nodes (node order)
+        if k:
+            chosen.update(nds[int((i + 0.5) * len(nds) / k)] for i in range(k))
+    return chosen
+
+
+def _greedy(nodes: list[str], ports: dict[str, dict[str, int]], f: float, qp: int, qd: int) -> set[str]:
+    """Fallback: each node in order takes the role keeping its switches closest to f (per-node-port units)."""
+    unit: dict[str, int] = {}
+    for nd in nodes:
+        for sw, c in ports[nd].items():
+            unit[sw] = max(unit.get(sw, 0), c)
+    p_ports: dict[str, int] = {}
+    all_ports: dict[str, int] = {}
+    quota = {PREFILL: qp, DECODE: qd}
+    out: set[str] = set()
+    for nd in nodes:
+        best_role, best_cost = None, 0.0
+        for role in (PREFILL, DECODE):
+            if quota[role] == 0:
+                continue
+            cost = 0.0
+            for sw, c in ports[nd].items():
+                ex = p_ports.get(sw, 0) + (c if role == PREFILL else 0) - f * (all_ports.get(sw, 0) + c)
+                cost += (ex / unit[sw]) ** 2
+            if best_role is None or cost < best_cost - 1e-12:
+                best_role, best_cost = role, cost
+        assert best_role is not None
+        quota[best_role] -= 1
+        for sw, c in ports[nd].items():
+            all_ports[sw] = all_ports.get(sw, 0) + c
+            if best_role == PREFILL:
+                p_ports[sw] = p_ports.get(sw, 0) + c
+        if best_role == PREFILL:
+            out.add(nd)
+    return out
