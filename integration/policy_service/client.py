@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgpack
 from kvlane.policy.types import (
@@ -192,7 +192,8 @@ class _Conn:
 class PolicyClient(PolicyApi):
     """Async client: `async with PolicyClient("tcp://127.0.0.1:7000") as c: d = await c.select_pair(req)`.
 
-    Calls on one client share one connection (multiplexed by id). A dropped connection is re-made on the
+    `secret="env"` (the default) takes the shared secret from $KVLANE_SECRET (none if unset); pass bytes to
+    give it, or None to send no MAC. Calls on one client share one connection (multiplexed by id). A dropped connection is re-made on the
     next call; a call whose request may have reached the server before the drop is retried only if its op
     is idempotent (`protocol.OPS[op].idempotent`), else it raises ConnectionLost. Errors come back as the
     server's PolicyError subclass; a deadline miss raises CallTimeout.
@@ -202,13 +203,13 @@ class PolicyClient(PolicyApi):
         self,
         address: str,
         *,
-        secret: bytes | None = None,
+        secret: bytes | None | Literal["env"] = "env",
         timeout: float = 5.0,
         connect_timeout: float = 5.0,
     ) -> None:
         self.address = address
         self.host, self.port = parse_address(address)
-        self.secret = secret
+        self.secret = P.load_secret(None) if secret == "env" else secret
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._conn: _Conn | None = None
@@ -344,10 +345,11 @@ class EmbeddedPolicy(PolicyApi):
             self.service.start()
             self._started = True
         wire = msgpack.unpackb(msgpack.packb(body, use_bin_type=True), raw=False)
+        limit = self.timeout if timeout is None else timeout
         try:
-            reply = await asyncio.wait_for(self.service.dispatch(op, wire), self.timeout if timeout is None else timeout)
+            reply = await asyncio.wait_for(self.service.dispatch(op, wire), limit)
         except asyncio.TimeoutError:
-            raise P.CallTimeout(f"{op}: no reply within {timeout} s") from None
+            raise P.CallTimeout(f"{op}: no reply within {limit:g} s") from None
         return msgpack.unpackb(msgpack.packb(reply, use_bin_type=True), raw=False)
 
 
@@ -363,7 +365,7 @@ class SyncPolicyClient:
         self,
         address: str | None = None,
         *,
-        secret: bytes | None = None,
+        secret: bytes | None | Literal["env"] = "env",
         timeout: float = 5.0,
         connect_timeout: float = 5.0,
         factory: Callable[[], PolicyApi] | None = None,

@@ -142,14 +142,26 @@ def encode_frame(obj: Any, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-async def read_frame(reader: asyncio.StreamReader, max_frame: int) -> bytes:
-    """Read one frame's body. Raises FrameTooLarge on an oversized length prefix WITHOUT reading the body,
-    asyncio.IncompleteReadError on EOF (clean when no byte of the next frame had arrived)."""
+class FrameTimeout(ServiceError):
+    """A frame's body did not arrive within the frame timeout after its length prefix (a stalled sender)."""
+
+    code = "frame_timeout"
+
+
+async def read_frame(reader: asyncio.StreamReader, max_frame: int, body_timeout: float | None = None) -> bytes:
+    """Read one frame's body. Waiting for a frame to start is unbounded (idle connections are fine), but once
+    its length prefix is in, the rest must arrive within `body_timeout` seconds (FrameTimeout). Raises
+    FrameTooLarge on an oversized length prefix WITHOUT reading the body, asyncio.IncompleteReadError on EOF."""
     head = await reader.readexactly(_LEN.size)
     (length,) = _LEN.unpack(head)
     if length > max_frame:
         raise FrameTooLarge(f"frame length {length} exceeds the {max_frame}-byte limit")
-    return await reader.readexactly(length)
+    if body_timeout is None:
+        return await reader.readexactly(length)
+    try:
+        return await asyncio.wait_for(reader.readexactly(length), body_timeout)
+    except asyncio.TimeoutError:
+        raise FrameTimeout(f"frame of {length} bytes not complete within {body_timeout:g} s") from None
 
 
 def decode_body(data: bytes, max_frame: int) -> Any:

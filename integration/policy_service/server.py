@@ -35,6 +35,7 @@ class PolicyServer:
         max_frame: int = P.DEFAULT_MAX_FRAME,
         max_connections: int = 1024,
         max_inflight: int = 64,
+        frame_timeout: float = 30.0,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
     ) -> None:
@@ -49,6 +50,7 @@ class PolicyServer:
         self.max_frame = max_frame
         self.max_connections = max_connections
         self.max_inflight = max_inflight
+        self.frame_timeout = frame_timeout
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host or host
         self._server: asyncio.base_events.Server | None = None
@@ -188,8 +190,8 @@ class _Connection:
         while True:
             await self.inflight.acquire()
             try:
-                data = await P.read_frame(self.reader, self.server.max_frame)
-            except P.FrameTooLarge as exc:
+                data = await P.read_frame(self.reader, self.server.max_frame, self.server.frame_timeout)
+            except (P.FrameTooLarge, P.FrameTimeout) as exc:
                 log.warning("closing connection from %s: %s", self.peer, exc)
                 await self.fail(0, exc)
                 return

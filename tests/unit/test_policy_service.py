@@ -223,6 +223,23 @@ async def test_configured_frame_limit_applies(clock):
         raw.close()
 
 
+async def test_stalled_frame_body_closes_the_connection(clock):
+    svc = PolicyService(make_policy(), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0, frame_timeout=0.2) as srv:
+        raw = await Raw.open(srv.address)
+        raw.writer.write(struct.pack(">I", 100) + b"\x80" * 10)  # announces 100 bytes, sends 10, stalls
+        await raw.writer.drain()
+        reply = await raw.recv()
+        assert reply["id"] == 0 and reply["error"]["code"] == "frame_timeout" and "100 bytes" in reply["error"]["message"]
+        assert await raw.closed()
+        raw.close()
+        idle = await Raw.open(srv.address)  # an idle connection (no frame started) is not timed out
+        await asyncio.sleep(0.4)
+        await idle.send({"v": 1, "id": 1, "op": "ping", "body": {}})
+        assert (await idle.recv())["ok"] is True
+        idle.close()
+
+
 async def test_garbage_msgpack_is_an_error_and_the_connection_stays(server):
     raw = await Raw.open(server.address)
     await raw.send_bytes(b"\xc1\xc1\xc1")  # 0xc1 is never valid msgpack
@@ -295,6 +312,16 @@ async def test_right_secret_works(secure_server):
         assert await asyncio.gather(*(c.ping() for _ in range(30))) == [1000.0] * 30
 
 
+async def test_client_takes_the_secret_from_the_environment(secure_server, monkeypatch):
+    monkeypatch.setenv("KVLANE_SECRET", "s3cret")
+    async with PolicyClient(secure_server.address) as c:
+        assert await c.ping() == 1000.0
+    c = PolicyClient(secure_server.address, secret=None)  # explicitly none: refused
+    with pytest.raises(AuthFailed):
+        await c.ping()
+    await c.close()
+
+
 async def test_wrong_secret_is_auth_failed(secure_server):
     async with PolicyClient(secure_server.address, secret=b"guess") as c:
         with pytest.raises(AuthFailed) as exc:
@@ -341,6 +368,15 @@ async def test_wrong_mac_closes_and_replay_is_refused(secure_server):
     assert (await raw3.recv())["error"]["code"] == "auth_failed"
     assert await raw3.closed()
     raw3.close()
+
+
+async def test_junk_from_an_unauthenticated_peer_closes(secure_server):
+    raw = await Raw.open(secure_server.address)
+    await raw.send_bytes(b"\xc1")
+    reply = await raw.recv()
+    assert reply["error"]["code"] == "bad_request" and "msgpack" in reply["error"]["message"]
+    assert await raw.closed()
+    raw.close()
 
 
 async def test_no_secret_means_no_auth(server):
