@@ -64,7 +64,7 @@ class SelectionConfig(_Knobs):
     """How many candidates `select_pair` looks at (the fast path; see docs/sessions-and-feedback.md)."""
 
     #: Least-loaded prefill engines considered for a new session.
-    prefill_shortlist: int = Field(default=4, ge=1, le=1024)
+    prefill_shortlist: int = Field(default=2, ge=1, le=1024)
     #: In the wide tiers (same cell, cross cell) only the best this-many engines by their own load are paired.
     wide_tier_shortlist: int = Field(default=4, ge=1, le=1024)
     #: Admissible engines: queue (reported + assigned since the report) below these, memory below the limit.

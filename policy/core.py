@@ -231,11 +231,12 @@ class Policy:
     def _tp_ok(self, a: int, b: int) -> bool:
         return a == b or (self.config.selection.heterogeneous_tp and (a % b == 0 or b % a == 0))
 
-    def _decode_ok(self, d: EngineState, p: EngineState, need_credit: bool, exclude: str | None) -> bool:
+    def _decode_ok(self, d: EngineState, p: EngineState, exclude: str | None) -> bool:
+        """D may take this request at all (credit aside): not P itself, below the queue and memory limits,
+        TP-compatible."""
         sel = self.config.selection
         return (d is not p and d.engine_id != exclude and d.load < sel.max_decode_queue
-                and d.memory < sel.decode_memory_limit and self._tp_ok(p.tp, d.tp)
-                and (not need_credit or self.ledger.has_stream_credit(d.engine_id)))
+                and d.memory < sel.decode_memory_limit and self._tp_ok(p.tp, d.tp))
 
     def _prefill_ok(self, p: EngineState, d: EngineState) -> bool:
         return p is not d and p.load < self.config.selection.max_prefill_queue and self._tp_ok(p.tp, d.tp)
@@ -324,18 +325,39 @@ class Policy:
         engines = self._engines
         wide_m = self.config.selection.wide_tier_shortlist
         decode_cost = self.scorer.decode_cost
-        for need_credit in (True, False):
-            for tier in range(4):
-                pairs: list[tuple[EngineState, EngineState]] = []
-                for p in shortlist:
-                    ds = [d for d in (engines[i] for i in self._tier_members(p.tile, tier, "decode"))
-                          if self._decode_ok(d, p, need_credit, exclude)]
-                    if tier >= 2 and len(ds) > wide_m:
-                        ds = heapq.nsmallest(wide_m, ds, key=decode_cost)
-                    pairs.extend((p, d) for d in ds)
-                if pairs:
-                    score, terms, p, d = self._best(pairs, req, 0.0)
-                    return score, terms, p, d, TIERS[tier], len(pairs)
+        has_credit = self.ledger.has_stream_credit
+        # Nearest tier with an admissible D that has a stream credit wins. If no D anywhere has a credit, the
+        # nearest tier with an admissible D is used anyway (the lease will wait for a credit, not the pair).
+        fallback: tuple[int, list[tuple[EngineState, EngineState]]] | None = None
+        for tier in range(4):
+            pairs: list[tuple[EngineState, EngineState]] = []
+            busy: list[tuple[EngineState, EngineState]] = []
+            for p in shortlist:
+                ok: list[EngineState] = []
+                waiting: list[EngineState] = []
+                for i in self._tier_members(p.tile, tier, "decode"):
+                    d = engines[i]
+                    if self._decode_ok(d, p, exclude):
+                        if has_credit(i):
+                            ok.append(d)
+                        elif fallback is None:
+                            waiting.append(d)
+                if tier >= 2:
+                    if len(ok) > wide_m:
+                        ok = heapq.nsmallest(wide_m, ok, key=decode_cost)
+                    if len(waiting) > wide_m:
+                        waiting = heapq.nsmallest(wide_m, waiting, key=decode_cost)
+                pairs.extend((p, d) for d in ok)
+                busy.extend((p, d) for d in waiting)
+            if pairs:
+                score, terms, p, d = self._best(pairs, req, 0.0)
+                return score, terms, p, d, TIERS[tier], len(pairs)
+            if fallback is None and busy:
+                fallback = (tier, busy)
+        if fallback is not None:
+            tier, busy = fallback
+            score, terms, p, d = self._best(busy, req, 0.0)
+            return score, terms, p, d, TIERS[tier], len(busy)
         n_d = sum(1 for e in engines.values() if e.can_decode and e.engine_id != exclude)
         raise NoPairAvailable(
             "no decode engine registered" if n_d == 0 else

@@ -71,13 +71,19 @@ class CreditLedger:
         self._link_leases: dict[str, set[str]] = {}
         self._holder_leases: dict[str, set[str]] = {}
         self._by_transfer: dict[str, str] = {}
+        self._caps: dict[str, float] = {}
         self._expiry: list[tuple[float, str]] = []
 
     # ---- queries -------------------------------------------------------------------------------------------
 
     def link_capacity(self, link: str) -> float:
         """Reservable Gbps of a link."""
-        return self._link_gbps(link) * self.config.reservable_fraction
+        cap = self._caps.get(link)
+        if cap is None:
+            if len(self._caps) > 1_000_000:
+                self._caps.clear()
+            cap = self._caps[link] = self._link_gbps(link) * self.config.reservable_fraction
+        return cap
 
     def link_reserved(self, link: str) -> float:
         return self._link_reserved.get(link, 0.0)

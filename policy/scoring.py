@@ -43,6 +43,8 @@ class PathInfo:
     links: tuple[str, ...]
     hops: int
     static_gbps: float
+    #: Reservable Gbps of each link (same order as `links`).
+    caps: tuple[float, ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -111,9 +113,10 @@ class PairScorer:
         if infos is None:
             if len(self._cache) >= self._cache_pairs:
                 self._cache.clear()
+            cap = self.ledger.link_capacity
             infos = tuple(
                 PathInfo(p, path_key(p.name, p.links, p.src_nic, p.dst_nic), p.name, tuple(p.links), int(p.hops),
-                         float(p.bottleneck_gbps))
+                         float(p.bottleneck_gbps), tuple(cap(lk) for lk in p.links))
                 for p in self.topology.paths(src_gpu, dst_gpu))
             if not infos:
                 raise ValueError(f"topology has no path from GPU {src_gpu} to GPU {dst_gpu}")
@@ -126,12 +129,13 @@ class PairScorer:
         if not reserved:
             return 0.0
         frac = 0.0
-        for link in info.links:
-            if link in reserved:
-                f = self.ledger.link_fraction(link)
+        for link, cap in zip(info.links, info.caps):
+            r = reserved.get(link)
+            if r:
+                f = r / cap if cap > 0 else 1.0
                 if f > frac:
                     frac = f
-        return frac
+        return frac if frac < 1.0 else 1.0
 
     def goodness(self, info: PathInfo) -> float:
         """Bandwidth this path can be expected to give a new stream: estimate × unreserved share."""

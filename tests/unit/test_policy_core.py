@@ -6,9 +6,12 @@ import json
 
 import msgpack
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from kvlane.policy.config import CreditConfig, PolicyConfig, SelectionConfig, SessionConfig
 from kvlane.policy.core import Policy, rank_map
-from kvlane.policy.topology import load_topology, plan_tiles
+from kvlane.policy.topology import load_topology
 from kvlane.policy.types import (
     EngineInfo,
     InvalidRequest,
@@ -36,16 +39,17 @@ def loopback_policy(config: PolicyConfig | None = None, decodes: int = 2) -> Pol
     return pol
 
 
-def zcube_policy(config: PolicyConfig | None = None, ratio: str = "1:1") -> Policy:
-    """zcube:n=8,k=2 (64 GPUs, 8 nodes of 8): one TP=8 engine per node, roles and tiles from plan_tiles."""
+def zcube_policy(config: PolicyConfig | None = None) -> Policy:
+    """zcube:n=8,k=2 (64 GPUs, 8 nodes of 8): one TP=8 engine per node; tiles of two nodes (n0,n1), (n2,n3),
+    ...; even nodes prefill, odd nodes decode. Every pair of ZCube nodes shares B switches, so all other
+    tiles are adjacent tiles."""
     topo = load_topology("zcube:n=8,k=2")
-    plan = plan_tiles(topo, ratio=ratio)
-    plan.apply(topo)
+    for i, node in enumerate(topo.nodes):
+        topo.set_node_attrs(node, tile=i // 2)
     pol = Policy(topo, config)
-    for node in topo.nodes:
-        role = {"prefill": Role.PREFILL, "decode": Role.DECODE}.get(plan.roles.get(node, ""), Role.BOTH)
-        pol.register_engine(EngineInfo(engine_id=node.upper(), role=role, gpus=topo.gpus_of(node),
-                                       kv_bytes_per_token=89_856), 0.0)
+    for i, node in enumerate(topo.nodes):
+        pol.register_engine(EngineInfo(engine_id=node.upper(), role=Role.DECODE if i % 2 else Role.PREFILL,
+                                       gpus=topo.gpus_of(node), kv_bytes_per_token=89_856), 0.0)
     return pol
 
 
@@ -182,14 +186,14 @@ def test_holder_death_frees_its_leases():
 
 
 def test_breakdown_sums_to_score_and_only_the_nearest_tier_is_scored():
-    pol = zcube_policy()  # 1:1 tiles: (N0 P, N1 D), (N2 P, N3 D), ...
+    pol = zcube_policy()  # tiles: (N0 P, N1 D), (N2 P, N3 D), ...
     d = pol.select_pair(PairRequest(request_id="r0", prompt_tokens=32_768), 0.0)
     assert d.score == pytest.approx(sum(d.breakdown.values()))
     assert set(d.breakdown) == {"qp", "qd", "tkv", "hpath", "md", "acache"}
     assert d.locality == "same_tile"
     assert int(d.decode[1:]) == int(d.prefill[1:]) + 1  # its tile's D
-    # 4 shortlisted P engines × their one same-tile D: nothing else was scored.
-    assert d.candidates_scored == 4
+    # The 2 shortlisted (least-loaded) P engines × their one same-tile D: nothing else was scored.
+    assert d.candidates_scored == 2
 
 
 def test_falls_to_adjacent_tile_when_own_tile_decode_has_no_credit():
@@ -312,3 +316,104 @@ def test_snapshot_is_json_and_msgpack_safe():
     assert msgpack.unpackb(msgpack.packb(snap), strict_map_key=False) == snap
     assert len(snap["engines"]) == 8 and len(snap["leases"]) == 1 and snap["sessions"] == 0
     assert all(p["failures"] == 1 for p in snap["paths"])
+
+
+def test_cross_cell_is_the_last_resort():
+    # Dragonfly groups are cells: n0..n3 in group 0, n4..n7 in group 1.
+    pol = Policy(load_topology("dragonfly:routers=2,hosts=2,global=1"))
+    for eid, role, gpu in [("P", Role.PREFILL, "n0.g0"), ("Dnear", Role.DECODE, "n2.g0"),
+                           ("Dfar", Role.DECODE, "n4.g0")]:
+        pol.register_engine(EngineInfo(engine_id=eid, role=role, gpus=[gpu]), 0.0)
+    pol.report_load(LoadReport(engine_id="Dnear", queue_depth=20), 0.0)  # busy, but in the cell
+    d = pol.select_pair(PairRequest(request_id="r0"), 0.0)
+    assert (d.decode, d.locality) == ("Dnear", "same_cell")
+    for i in range(3):  # no stream credit left in the cell: overflow across cells
+        assert isinstance(lease(pol, f"t{i}", "P", "Dnear", nbytes=100_000_000), LeaseGrant)
+    d = pol.select_pair(PairRequest(request_id="r1"), 0.0)
+    assert (d.decode, d.locality) == ("Dfar", "cross_cell")
+    # Nobody has a credit: the nearest admissible D is still chosen (the lease will wait, not the pair).
+    for i in range(3):
+        assert isinstance(lease(pol, f"u{i}", "P", "Dfar", nbytes=100_000_000), LeaseGrant)
+    d = pol.select_pair(PairRequest(request_id="r2"), 0.0)
+    assert (d.decode, d.locality) == ("Dnear", "same_cell")
+
+
+class PolicyMachine(RuleBasedStateMachine):
+    """Any interleaving of pair selection, leases, releases (twice), expiry and engine death through the
+    facade: credits never exceed capacity and every lease ends."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = PolicyConfig(credits=CreditConfig(max_streams=2, ingress_bytes=6 * GB, lease_ttl_s=1.0,
+                                                     best_effort_max_bytes=1 << 20))
+        self.pol = zcube_policy(self.cfg)
+        self.now = 0.0
+        self.n = 0
+        self.grants: list[str] = []
+        self.released: set[str] = set()
+
+    def alive(self, role: Role) -> list[str]:
+        return sorted(e.engine_id for e in self.pol.engines() if e.role == role)
+
+    @rule(data=st.data(), nbytes=st.sampled_from([1000, 2 * GB, 5 * GB]))
+    def pair_and_lease(self, data, nbytes):
+        self.n += 1
+        try:
+            d = self.pol.select_pair(PairRequest(request_id=f"r{self.n}", session_id=data.draw(
+                st.sampled_from([None, "s1", "s2"])), kv_bytes=nbytes), self.now)
+        except NoPairAvailable:
+            assert not self.alive(Role.PREFILL) or not self.alive(Role.DECODE)
+            return
+        g = self.pol.acquire_lease(LeaseRequest(transfer_id=f"t{self.n}", prefill=d.prefill, decode=d.decode,
+                                                bytes=nbytes), self.now)
+        if isinstance(g, LeaseGrant):
+            assert g.expires_at > self.now and len(g.paths) == 8
+            self.grants.append(g.lease_id)
+        else:
+            assert g.reason and g.retry_after > 0
+
+    @rule(data=st.data(), twice=st.booleans())
+    def release(self, data, twice):
+        if not self.grants:
+            return
+        lid = data.draw(st.sampled_from(self.grants))
+        first = self.pol.release_lease(lid, None, self.now)
+        if lid in self.released:
+            assert first is False
+        if first:
+            self.released.add(lid)
+        if twice:
+            assert self.pol.release_lease(lid, None, self.now) is False
+            self.released.add(lid)
+
+    @rule(dt=st.floats(0.0, 2.0))
+    def advance(self, dt):
+        self.now += dt
+        self.pol.expire(self.now)
+
+    @rule(data=st.data())
+    def engine_dies(self, data):
+        ids = [e.engine_id for e in self.pol.engines()]
+        if len(ids) > 2:
+            self.pol.remove_engine(data.draw(st.sampled_from(ids)), self.now)
+
+    @invariant()
+    def within_capacity(self):
+        snap = self.pol.snapshot(self.now)
+        for use in snap["credits"]["decode"].values():
+            assert use["streams"] <= 2
+            assert use["streams"] <= 1 or use["bytes"] <= 6 * GB
+        led = self.pol.ledger
+        for link, v in snap["credits"]["links"].items():
+            assert v["reserved_gbps"] <= led.link_capacity(link) + 1e-6
+        alive = {e.engine_id for e in self.pol.engines()}
+        assert all(x["prefill"] in alive and x["decode"] in alive for x in snap["leases"])
+
+    def teardown(self):
+        self.pol.expire(self.now + 100.0)
+        snap = self.pol.snapshot(self.now + 100.0)
+        assert snap["leases"] == [] and snap["credits"] == {"decode": {}, "links": {}}
+
+
+TestPolicyMachine = PolicyMachine.TestCase
+TestPolicyMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
