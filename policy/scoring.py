@@ -129,7 +129,7 @@ class PairScorer:
         if not reserved:
             return 0.0
         frac = 0.0
-        for link, cap in zip(info.links, info.caps):
+        for link, cap in zip(info.links, info.caps, strict=True):
             r = reserved.get(link)
             if r:
                 f = r / cap if cap > 0 else 1.0
