@@ -171,7 +171,9 @@ class _Conn:
                     if fut is not None and not fut.done():
                         fut.set_result(obj["body"])
                     continue
-                err = obj.get("error") if isinstance(obj.get("error"), dict) else {}
+                err = obj.get("error")
+                if not isinstance(err, dict):
+                    err = {}
                 exc = P.error_from_wire(str(err.get("code", "bad_reply")), str(err.get("message", obj)))
                 if fut is not None:
                     if not fut.done():
@@ -264,6 +266,10 @@ class PolicyClient(PolicyApi):
         reader, writer = await asyncio.open_connection(self.host, self.port)
         try:
             obj = P.decode_body(await P.read_frame(reader, P.MAX_FRAME_CEILING), P.MAX_FRAME_CEILING)
+            if isinstance(obj, dict) and "hello" in obj and obj.get("v") != P.PROTOCOL_VERSION:
+                raise P.ServiceError(
+                    f"{self.address} speaks protocol version {obj.get('v')!r}; this client speaks "
+                    f"{P.PROTOCOL_VERSION}", code="bad_reply")
             hello = obj.get("hello") if isinstance(obj, dict) else None
             if not isinstance(hello, dict) or not isinstance(hello.get("nonce"), bytes):
                 err = obj.get("error") if isinstance(obj, dict) else None

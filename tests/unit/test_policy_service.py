@@ -156,6 +156,24 @@ async def test_every_op_round_trips_over_tcp(client, clock):
     assert [e.engine_id for e in await client.engines()] == ["p0"]
 
 
+async def test_tp2_lease_on_zcube_carries_one_path_per_rank(clock):
+    svc = PolicyService(Policy(load_topology("zcube:n=8,k=2")), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0) as srv, PolicyClient(srv.address) as c:
+        await c.register_engine(EngineInfo(engine_id="p0", role=Role.PREFILL, gpus=["n0.g0", "n0.g1"]))
+        await c.register_engine(EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["n1.g0", "n1.g1"]))
+        decision = await c.select_pair(PairRequest(request_id="r1", session_id="s1", prompt_tokens=1000))
+        assert (decision.prefill, decision.decode, decision.sticky) == ("p0", "d0", False)
+        again = await c.select_pair(PairRequest(request_id="r2", session_id="s1", prompt_tokens=1200))
+        assert (again.decode, again.sticky) == ("d0", True)  # the session's home decode engine
+        grant = await c.acquire_lease(LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=512 << 20,
+                                                   best_effort_ok=False))
+        assert isinstance(grant, LeaseGrant) and grant.klass == "reserved"
+        assert [g.rank for g in grant.paths] == [0, 1]
+        for g in grant.paths:  # TP rank i -> TP rank i, over two-hop (B) or three-hop (A-B) ZCube paths
+            assert g.src_nic.startswith(f"n0.g{g.rank}.") and g.dst_nic.startswith(f"n1.g{g.rank}.")
+            assert 2 <= len(g.links) <= 3
+
+
 async def test_policy_errors_come_back_typed(client):
     with pytest.raises(NoPairAvailable) as exc:
         await client.select_pair(PairRequest(request_id="r1"))
