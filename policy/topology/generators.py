@@ -35,8 +35,8 @@ class Generator:
     build: Callable[[dict[str, Any]], Topology]
 
     def help_text(self) -> str:
-        args = ",".join(f"{p.name}=…" if p.default is None else f"[{p.name}={p.default}]" for p in self.params)
-        lines = [f"{self.name}:{args}  — {self.summary}"]
+        args = ",".join(f"{p.name}=…" if p.default is None else f"{p.name}={p.default}" for p in self.params)
+        lines = [f"{self.name}:{args}", f"  {self.summary}"]
         lines += [f"    {p.name}: {p.help}" + ("" if p.default is None else f" (default {p.default})")
                   for p in self.params]
         return "\n".join(lines)
