@@ -21,6 +21,7 @@ _GROUPS = [
 for _name, _help in _GROUPS:
     _mod = importlib.import_module(f"{__name__}.{_name}")
     app.add_typer(_mod.app, name=_name, help=_help)
+importlib.import_module(f"{__name__}.plan_tiles")  # adds `kvlane plan tiles` to the plan group
 
 
 def main() -> None:
