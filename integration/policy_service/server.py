@@ -34,7 +34,7 @@ class PolicyServer:
         secret: bytes | None = None,
         max_frame: int = P.DEFAULT_MAX_FRAME,
         max_connections: int = 1024,
-        max_inflight: int = 64,
+        max_waiters: int = 256,
         frame_timeout: float = 30.0,
         metrics_port: int | None = None,
         metrics_host: str | None = None,
@@ -49,7 +49,7 @@ class PolicyServer:
         self.secret = secret
         self.max_frame = max_frame
         self.max_connections = max_connections
-        self.max_inflight = max_inflight
+        self.max_waiters = max_waiters
         self.frame_timeout = frame_timeout
         self.metrics_port = metrics_port
         self.metrics_host = metrics_host or host
@@ -139,8 +139,10 @@ class PolicyServer:
 
 
 class _Connection:
-    """One client connection: hello, then a loop of frames. Ordinary ops run in arrival order; a long poll
-    (await_announce) runs as its own task so it does not hold up the ops behind it."""
+    """One client connection: hello, then a loop of frames. Ordinary ops run to completion in arrival order
+    (they never wait); a long poll (await_announce) runs as its own task, at most `max_waiters` per
+    connection, so it never holds up the ops behind it. A peer that does not read its replies stalls only
+    its own connection (the loop waits for the write buffer to drain before reading more)."""
 
     def __init__(self, server: PolicyServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
@@ -149,7 +151,6 @@ class _Connection:
         self.writer = writer
         self.nonce = os.urandom(P.NONCE_BYTES)
         self.last_id = 0
-        self.inflight = asyncio.Semaphore(server.max_inflight)
         self.tasks: set[asyncio.Task[None]] = set()
         self.write_lock = asyncio.Lock()
         peer = writer.get_extra_info("peername")
@@ -188,7 +189,6 @@ class _Connection:
     async def _loop(self) -> None:
         secret = self.server.secret
         while True:
-            await self.inflight.acquire()
             try:
                 data = await P.read_frame(self.reader, self.server.max_frame, self.server.frame_timeout)
             except (P.FrameTooLarge, P.FrameTimeout) as exc:
@@ -204,25 +204,27 @@ class _Connection:
             except P.BadRequest as exc:
                 raw_id = obj.get("id") if isinstance(obj, dict) else None
                 req_id = raw_id if isinstance(raw_id, int) and 0 < raw_id < (1 << 63) else 0
-                self.inflight.release()
                 await self.fail(req_id, exc)
                 if secret is not None:
                     return  # an unauthenticated peer does not get to keep sending junk
                 continue
             if secret is not None:
                 if not P.verify_mac(secret, self.nonce, env):
-                    self.inflight.release()
                     why = "missing" if env.auth is None else "wrong"
                     await self.fail(env.id, P.AuthFailed(f"{why} request MAC; closing the connection"))
                     return
                 if env.id <= self.last_id:
-                    self.inflight.release()
                     await self.fail(
                         env.id, P.AuthFailed(f"request id {env.id} not above {self.last_id} (replay?); closing")
                     )
                     return
                 self.last_id = env.id
             if env.op == "await_announce":
+                if len(self.tasks) >= self.server.max_waiters:
+                    await self.fail(env.id, P.Busy(
+                        f"{len(self.tasks)} await_announce calls already waiting on this connection "
+                        f"(limit {self.server.max_waiters}); retry later or use another connection"))
+                    continue
                 task = asyncio.get_running_loop().create_task(self._serve(env))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
@@ -231,11 +233,8 @@ class _Connection:
 
     async def _serve(self, env: P.RequestEnvelope) -> None:
         try:
-            try:
-                reply = P.ok_reply(env.id, await self.service.dispatch(env.op, env.body))
-            except PolicyError as exc:  # dispatch already counted it
-                reply = P.error_reply(env.id, exc.code, str(exc))
-            with contextlib.suppress(ConnectionError):  # the peer left; the read loop sees EOF and ends
-                await self.send(reply)
-        finally:
-            self.inflight.release()
+            reply = P.ok_reply(env.id, await self.service.dispatch(env.op, env.body))
+        except PolicyError as exc:  # dispatch already counted it
+            reply = P.error_reply(env.id, exc.code, str(exc))
+        with contextlib.suppress(ConnectionError):  # the peer left; the read loop sees EOF and ends
+            await self.send(reply)

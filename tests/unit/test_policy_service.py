@@ -14,6 +14,7 @@ from kvlane.integration.policy_service import (
     AnnounceTimeout,
     AuthFailed,
     BadRequest,
+    Busy,
     CallTimeout,
     EmbeddedPolicy,
     PayloadTooLarge,
@@ -447,6 +448,20 @@ async def test_waiter_gets_payload_announced_later(server):
         assert await prefill.ping() == 1000.0  # the long poll does not block the connection
         await decode.announce("xfer-9", {"rank0": {"blocks": [4, 5]}})
         assert await asyncio.wait_for(waiter, 3.0) == {"rank0": {"blocks": [4, 5]}}
+
+
+async def test_long_polls_per_connection_are_bounded(clock):
+    svc = PolicyService(make_policy(), clock=clock)
+    async with PolicyServer(svc, "127.0.0.1", 0, max_waiters=2) as srv, PolicyClient(srv.address) as c:
+        waiters = [asyncio.create_task(c.await_announce(f"t{i}", timeout_s=3.0)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Busy, match="limit 2"):
+            await c.await_announce("t2", timeout_s=3.0)
+        assert await c.ping() == 1000.0  # ordinary ops are not held up behind the long polls
+        await c.announce("t0", {"n": 0})
+        await c.announce("t1", {"n": 1})
+        assert await asyncio.gather(*waiters) == [{"n": 0}, {"n": 1}]
+        assert await c.await_announce("t0", timeout_s=0.1) == {"n": 0}  # slots are free again
 
 
 async def test_await_announce_timeout_is_clear(client):
