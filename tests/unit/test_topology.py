@@ -76,6 +76,12 @@ def test_zcube_seed_cell_table() -> None:
     assert t.summary()["switch_ports"] == {"min": 64, "max": 64}
     # links: 2·1024 access + 32·32 bipartite = 3072
     assert t.num_links == 3072
+    # 4096 GPUs = ZCube(64,2): 128 switches of 64 + 64 = 128 ports, half of them GPU downlinks (§5, §8:
+    # "with the same 128 switches ZCube uses 2 ports per GPU, 50% for interconnection, capping at 4,096")
+    t4 = load_topology("zcube:n=64,k=2")
+    assert (t4.num_gpus, len(t4.nodes), t4.num_switches) == (4096, 512, 128)
+    assert t4.summary()["switch_ports"] == {"min": 128, "max": 128}
+    assert t4.summary()["link_kinds"]["inter-switch"] * 2 == 128 * 64  # 64 of 128 ports per switch
 
 
 def test_zcube_k3_figures_and_bfs_diameter() -> None:
