@@ -32,9 +32,9 @@ def _base36(n: int) -> str:
 
 
 def start_prefix(now: float | None = None) -> str:
-    """A lease-id prefix unique to this start: 'L' + base36 of the start time in ms + 2 random base36 chars."""
+    """A lease-id prefix unique to this start: 'L' + base36 of the start time in ms + 4 random base36 chars."""
     ms = int((time.time() if now is None else now) * 1000)
-    return f"L{_base36(ms)}{_base36(int.from_bytes(os.urandom(2), 'big') % 1296).rjust(2, '0')}"
+    return f"L{_base36(ms)}{_base36(int.from_bytes(os.urandom(4), 'big') % 36**4).rjust(4, '0')}"
 
 
 def build_policy(

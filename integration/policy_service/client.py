@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal, TypeVar
@@ -381,6 +382,7 @@ class SyncPolicyClient:
         if address is not None:
             parse_address(address)  # fail now, in the caller's thread
         self.timeout = timeout
+        self._pid = os.getpid()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvlane-policy-client", daemon=True)
         self._thread.start()
@@ -395,6 +397,13 @@ class SyncPolicyClient:
         self._closed = False
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        if os.getpid() != self._pid:  # a forked child has no loop thread: fail at once instead of timing out
+            coro.close()
+            raise P.ServiceError("SyncPolicyClient used in a forked child process; create one per process",
+                                 code="wrong_process")
+        if getattr(self, "_closed", False):
+            coro.close()
+            raise P.ConnectionLost("SyncPolicyClient is closed")
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         limit = (self.timeout if timeout is None else timeout) + 1.0  # the async call times out first
         try:
@@ -416,13 +425,13 @@ class SyncPolicyClient:
         self.close()
 
     def close(self) -> None:
-        if getattr(self, "_closed", True):
+        if getattr(self, "_closed", True) or os.getpid() != self._pid:
             return
-        self._closed = True
         closer = getattr(self._client, "close", None)
         if closer is not None:
             with contextlib.suppress(Exception):
                 self._run(closer(), self.timeout)
+        self._closed = True
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5.0)
         if not self._thread.is_alive():

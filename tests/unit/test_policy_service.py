@@ -4,6 +4,7 @@ only the offending connection, HMAC auth, the expiry sweep, the announce rendezv
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 import threading
 
@@ -553,6 +554,24 @@ def test_sync_client_over_embedded_policy():
         for info in _engines():
             c.register_engine(info)
         assert sorted(e.engine_id for e in c.engines()) == ["d0", "p0"]
+
+
+def test_sync_client_refuses_use_after_close_and_in_a_forked_child():
+    c = SyncPolicyClient(factory=lambda: EmbeddedPolicy(make_policy(), clock=lambda: 5.0))
+    assert c.ping() == 5.0
+    pid = os.fork()
+    if pid == 0:  # child: the loop thread did not survive the fork; the call must fail at once, not hang
+        try:
+            c.ping(timeout=30.0)
+        except P.ServiceError as exc:
+            os._exit(0 if exc.code == "wrong_process" else 1)
+        os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert c.ping() == 5.0  # the parent's client is unaffected
+    c.close()
+    with pytest.raises(P.ConnectionLost, match="closed"):
+        c.ping()
 
 
 def test_parse_address():

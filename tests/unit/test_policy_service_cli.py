@@ -126,3 +126,24 @@ def test_serve_with_a_secret_file(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
+
+
+def test_build_policy_applies_config_file_and_lease_ttl(tmp_path):
+    from kvlane.integration.policy_service.app import build_policy
+
+    knobs = tmp_path / "knobs.yaml"
+    knobs.write_text("credits:\n  max_streams: 2\n  lease_ttl_s: 7\n")
+    a = build_policy("loopback:gpus=4", config_file=str(knobs))
+    assert (a.config.credits.max_streams, a.config.credits.lease_ttl_s) == (2, 7.0)
+    b = build_policy("loopback:gpus=4", config_file=str(knobs), lease_ttl_s=3.0)
+    assert (b.config.credits.max_streams, b.config.credits.lease_ttl_s) == (2, 3.0)
+    assert a.config.lease_id_prefix != b.config.lease_id_prefix  # lease ids never repeat across starts
+    knobs.write_text("credits:\n  max_stream: 2\n")
+    with pytest.raises(ValueError, match="max_stream"):
+        build_policy("loopback:gpus=4", config_file=str(knobs))
+
+
+def test_serve_refuses_a_bad_topology():
+    res = CliRunner().invoke(app, ["policy", "serve", "--topology", "nope", "--port", "0"])
+    assert res.exit_code == 1
+    assert "nope" in res.output and "zcube" in res.output  # names the spec and lists the generators
