@@ -295,7 +295,7 @@ class Policy:
             self._reorder(e)
         if req.session_id:
             self.sessions.set_home(req.session_id, d.engine_id, now)
-        return PairDecision.model_construct(
+        return PairDecision(
             request_id=req.request_id, prefill=p.engine_id, decode=d.engine_id, score=score,
             breakdown=self.scorer.breakdown(terms), locality=locality, sticky=sticky,
             home_moved_from=moved_from, candidates_scored=n)
