@@ -92,6 +92,7 @@ class Policy:
         self._n_tiles = 0
         self._p_order: list[tuple[int, int, str]] = []  # (load, last pick, id) of prefill-capable engines
         self._p_key: dict[str, tuple[int, int, str]] = {}
+        self._p_tp: dict[int, int] = {}  # TP size -> number of prefill-capable engines
         self._picks = 0
         self._lease_seq = 0
         self.counters: dict[str, int] = {
@@ -184,6 +185,7 @@ class Policy:
             key = (e.load, e.last_pick, e.engine_id)
             bisect.insort(self._p_order, key)
             self._p_key[e.engine_id] = key
+            self._p_tp[e.tp] = self._p_tp.get(e.tp, 0) + 1
         if e.can_decode:
             tile.decode[e.engine_id] = None
             cell.decode[e.engine_id] = None
@@ -195,6 +197,9 @@ class Policy:
         key = self._p_key.pop(e.engine_id, None)
         if key is not None:
             del self._p_order[bisect.bisect_left(self._p_order, key)]
+            self._p_tp[e.tp] -= 1
+            if not self._p_tp[e.tp]:
+                del self._p_tp[e.tp]
         for g in e.info.gpus:
             if self._gpu_owner.get(g) == e.engine_id:
                 del self._gpu_owner[g]
@@ -242,12 +247,21 @@ class Policy:
         return p is not d and p.load < self.config.selection.max_prefill_queue and self._tp_ok(p.tp, d.tp)
 
     def _shortlist(self) -> list[EngineState]:
+        """The `prefill_shortlist` least-loaded prefill engines of each TP size present (one size: just the
+        least-loaded ones), below the queue limit."""
         sel = self.config.selection
+        k = sel.prefill_shortlist
+        want = len(self._p_tp) * k
+        taken: dict[int, int] = {}
         out: list[EngineState] = []
         for load, _, eid in self._p_order:
-            if load >= sel.max_prefill_queue or len(out) >= sel.prefill_shortlist:
+            if load >= sel.max_prefill_queue or len(out) >= want:
                 break
-            out.append(self._engines[eid])
+            e = self._engines[eid]
+            n = taken.get(e.tp, 0)
+            if n < k:
+                taken[e.tp] = n + 1
+                out.append(e)
         return out
 
     # ---- pair selection ------------------------------------------------------------------------------------

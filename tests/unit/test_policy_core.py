@@ -417,3 +417,15 @@ class PolicyMachine(RuleBasedStateMachine):
 
 TestPolicyMachine = PolicyMachine.TestCase
 TestPolicyMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+def test_mixed_tp_pools_pair_within_their_tp_size():
+    pol = Policy(load_topology("loopback:gpus=8"))
+    pol.register_engine(EngineInfo(engine_id="P1a", role=Role.PREFILL, gpus=["n0.g0"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="P1b", role=Role.PREFILL, gpus=["n0.g1"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="P2", role=Role.PREFILL, gpus=["n0.g2", "n0.g3"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="D2", role=Role.DECODE, gpus=["n0.g4", "n0.g5"]), 0.0)
+    pol.report_load(LoadReport(engine_id="P2", queue_depth=9), 0.0)  # busier than both TP=1 engines
+    # The TP=1 prefill engines are less loaded, but only P2 matches D2's TP size.
+    d = pol.select_pair(PairRequest(request_id="r"), 0.0)
+    assert (d.prefill, d.decode) == ("P2", "D2")
