@@ -111,7 +111,7 @@ async def main(calls: int) -> list[Row]:
         async with PolicyClient(srv.address, secret=None) as c:
             rows.append(await seq("TCP ping (round trip only)", calls, lambda i: c.ping()))
             rows.append(await seq("TCP select_pair", calls, lambda i: c.select_pair(req(i))))
-            rows.append(await concurrent("TCP select_pair, 16 in flight", calls, 16, lambda i: c.select_pair(req(i))))
+            rows.append(await concurrent("TCP select_pair, 16 in flight (µs incl. queue)", calls, 16, lambda i: c.select_pair(req(i))))
         address = srv.address
 
         # the sync client: blocking calls from a plain thread, server on this loop
