@@ -72,6 +72,18 @@ class TopologyFile(_Strict):
     #: unlisted pairs are named "X" (same port name) or "X-Y"; equal-cost variants get "-1", "-2", ...
     path_names: dict[str, Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=dict)
 
+    @field_validator("path_names")
+    @classmethod
+    def _unique_names(cls, v: dict[str, str]) -> dict[str, str]:
+        seen: dict[str, str] = {}
+        for pair, name in v.items():
+            if "-" not in pair:
+                raise ValueError(f"key {pair!r} must be '<src port>-<dst port>', e.g. p0-p1")
+            if name in seen:
+                raise ValueError(f"{name!r} names both {seen[name]!r} and {pair!r}")
+            seen[name] = pair
+        return v
+
     @field_validator("switches", mode="before")
     @classmethod
     def _switch_ids(cls, v: Any) -> Any:

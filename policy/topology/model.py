@@ -22,7 +22,7 @@ MAX_CANDIDATES = 8
 #: Path LRU size (GPU pairs). A 1024-GPU cell's full P×D matrix of one rank fits easily.
 PATH_CACHE_PAIRS = 65536
 #: Above this many (attachment-set pairs × switches) the generic BFS diameter refuses (generators give formulas).
-_DIAMETER_BFS_LIMIT = 20_000_000
+_DIAMETER_BFS_LIMIT = 1_100_000_000
 
 
 class TopologyError(ValueError):
@@ -87,6 +87,13 @@ _LOCALITY_ORDER = list(Locality)
 ROLE_HINTS = ("prefill", "decode", "flex")
 
 
+class _Keep:
+    """Sentinel type for `set_node_attrs`: leave the attribute as it is."""
+
+
+_KEEP = _Keep()
+
+
 @dataclass
 class _Port:
     id: str
@@ -146,6 +153,7 @@ class Topology:
         self._router: Router | None = None
         self._namer: Namer = default_namer
         self._diameter_formula: Callable[[], int] | None = None
+        self._diameter: int | None = None
         self._tile_switches: dict[int, frozenset[int]] | None = None
         self._paths_cached = functools.lru_cache(maxsize=PATH_CACHE_PAIRS)(self._compute_paths)
         self._bfs_cached = functools.lru_cache(maxsize=4096)(self._bfs)
@@ -212,6 +220,7 @@ class Topology:
         self._gpu_ports[gpu].append(_Port(pid, port_name, s, link.id, link.gbps))
         self._port_gpu[pid] = gpu
         self._switch_ports[s] += 1
+        self._diameter = None
         return pid
 
     def add_link(self, a: str, b: str, gbps: float, kind: str = "inter-switch", link_id: str | None = None) -> str:
@@ -227,6 +236,9 @@ class Topology:
             self._switch_ports[ia] += 1
             self._switch_ports[ib] += 1
             self._plane_adj.clear()
+            self._bfs_cached.cache_clear()
+            self._paths_cached.cache_clear()
+            self._diameter = None
             return link.id
         if a in self._gpu_node and b in self._gpu_node:
             return self._new_link(a, b, gbps, kind, link_id).id
@@ -241,6 +253,8 @@ class Topology:
             self._namer = namer
         if diameter is not None:
             self._diameter_formula = diameter
+        self._diameter = None
+        self._paths_cached.cache_clear()
 
     # ------------------------------------------------------------------ basic queries
     @property
@@ -269,7 +283,7 @@ class Topology:
         self._gpu(gpu)
         return [p.id for p in self._gpu_ports[gpu]]
 
-    def switches_of_port(self, port: str) -> str:
+    def switch_of_port(self, port: str) -> str:
         gpu = self._port_gpu.get(port)
         if gpu is None:
             raise TopologyError(f"unknown NIC port {port!r}")
@@ -454,10 +468,11 @@ class Topology:
 
     # ------------------------------------------------------------------ structure-wide figures
     def diameter_hops(self) -> int:
-        """Max over GPU pairs (on different nodes or not) of the best path's switch count."""
-        if self._diameter_formula is not None:
-            return self._diameter_formula()
-        return self.diameter_hops_bfs()
+        """Max over GPU pairs of the best path's switch count (computed once, then remembered)."""
+        if self._diameter is None:
+            self._diameter = self._diameter_formula() if self._diameter_formula is not None else \
+                self.diameter_hops_bfs()
+        return self._diameter
 
     def diameter_hops_bfs(self) -> int:
         """Diameter from BFS over the switch graph and the distinct NIC attachment sets of GPUs (no GPU
@@ -466,41 +481,45 @@ class Topology:
 
     def diameter_hops_planes(self, planes: Sequence[frozenset[str] | None]) -> int:
         """Max over GPU pairs of min over (plane, src port, dst port) of switches on the shortest route, where
-        a route stays inside one plane (set of link kinds; None = any). Vectorised over distinct attachment
-        sets; refuses (TopologyError) above ~2e7 set pairs × ports²."""
+        a route stays inside one plane (set of link kinds; None = any). Vectorised over the distinct NIC
+        attachment sets; refuses (TopologyError) above ~1e9 set pairs × ports²."""
         import numpy as np
 
         attach = sorted({tuple(sorted({p.switch for p in ports})) for ports in self._gpu_ports.values() if ports})
         if not attach:
             return 0
         width = max(len(a) for a in attach)
-        if len(attach) ** 2 * width**2 * len(planes) > _DIAMETER_BFS_LIMIT:
+        if len(attach) ** 2 * width**2 > _DIAMETER_BFS_LIMIT:
             raise TopologyError(f"{self.name}: too many distinct NIC attachment sets ({len(attach)}) for the "
                                 "BFS diameter; this fabric needs a closed-form diameter")
         sws = sorted({s for a in attach for s in a})
         col = {s: i for i, s in enumerate(sws)}
-        big = 1 << 20
-        # mats[plane][i, j] = switch hops between sws[i] and sws[j] in that plane
-        mats = []
+        big = 30_000  # "unreachable"; hop counts fit int16, which keeps the T×T sweep memory-light
+        # m[i, j] = fewest switch hops from sws[i] to sws[j] inside any single plane
+        m = np.full((len(sws), len(sws)), big, dtype=np.int16)
         for plane in planes:
-            m = np.empty((len(sws), len(sws)), dtype=np.int64)
             for j, s in enumerate(sws):
-                row = np.array(self._bfs_cached(s, plane), dtype=np.int64)[sws]
-                m[:, j] = np.where(row < 0, big, row)
-            mats.append(m)
-        # pad attachment sets to `width` by repeating their first switch
+                row = np.array(self._bfs_cached(s, plane), dtype=np.int16)[sws]
+                m[:, j] = np.minimum(m[:, j], np.where(row < 0, big, row))
+        # attachment sets padded to `width` by repeating their first switch
         idx = np.array([[col[a[min(i, len(a) - 1)]] for i in range(width)] for a in attach], dtype=np.int64)
+        # v[s, c] = best hops from switch s to any port switch of attachment set c   (S × T)
+        v = m[:, idx[:, 0]]
+        for i in range(1, width):
+            v = np.minimum(v, m[:, idx[:, i]])
+        # best[r, c] = min over r's port switches of v[., c]; rows in chunks of ~4M cells
         worst = 0
-        for r in range(len(attach)):
-            best = np.full(len(attach), big, dtype=np.int64)
-            for m in mats:
-                for s_i in set(idx[r].tolist()):
-                    best = np.minimum(best, m[s_i][idx].min(axis=1))
+        chunk = max(1, 4_000_000 // len(attach))
+        for r0 in range(0, len(attach), chunk):
+            rows = idx[r0:r0 + chunk]
+            best = v[rows[:, 0]]
+            for i in range(1, width):
+                best = np.minimum(best, v[rows[:, i]])
             w = int(best.max())
             if w >= big:
-                bad = attach[int(best.argmax())]
+                r, c = np.unravel_index(int(best.argmax()), best.shape)
                 raise TopologyError(f"{self.name}: the fabric is disconnected (no route from switch "
-                                    f"{self._switches[attach[r][0]]} to {self._switches[bad[0]]})")
+                                    f"{self._switches[attach[r0 + r][0]]} to {self._switches[attach[c][0]]})")
             worst = max(worst, w + 1)
         return worst
 
@@ -525,15 +544,17 @@ class Topology:
         }
 
     # ------------------------------------------------------------------ tiles and locality
-    def set_node_attrs(self, node: str, *, tile: int | None | str = "keep", cell: int | None = None,
-                       role_hint: str | None | str = "keep") -> None:
+    def set_node_attrs(self, node: str, *, tile: int | None | _Keep = _KEEP, cell: int | None = None,
+                       role_hint: str | None | _Keep = _KEEP) -> None:
+        """Change a node's tile (None = no tile), cell or role hint; arguments left out are kept."""
         n = self._nodes[self._node(node)]
-        if tile != "keep":
-            n.tile = tile  # type: ignore[assignment]
+        if not isinstance(tile, _Keep):
+            n.tile = tile
             self._tile_switches = None
         if cell is not None:
             n.cell = cell
-        if role_hint != "keep":
+            self._tile_switches = None
+        if not isinstance(role_hint, _Keep):
             if role_hint is not None and role_hint not in ROLE_HINTS:
                 raise TopologyError(f"role_hint must be one of {ROLE_HINTS}, got {role_hint!r}")
             n.role_hint = role_hint

@@ -80,6 +80,8 @@ def test_minimal_document_builds() -> None:
     ({"nodes": [{"id": "n0", "gpus": 1}, {"id": "n0", "gpus": 1}]}, r"nodes\[1\]\.id: duplicate node id 'n0'"),
     ({"switches": ["sw0", "sw0"]}, r"switches\[1\]: duplicate id 'sw0'"),
     ({"nodes": []}, r"nodes: List should have at least 1 item"),
+    ({"path_names": {"p0-p0": "x", "p1-p1": "x"}}, r"path_names: .*'x' names both 'p0-p0' and 'p1-p1'"),
+    ({"path_names": {"p0": "x"}}, r"path_names: .*must be '<src port>-<dst port>'"),
 ])
 def test_errors_name_the_field(change: dict, message: str) -> None:  # type: ignore[type-arg]
     with pytest.raises(TopologyError, match=message):
