@@ -34,7 +34,7 @@ def _fail(msg: str) -> None:
     raise typer.Exit(1)
 
 
-def _query(address: str, secret_file: str | None, timeout: float, op: str) -> Any:
+def _query(address: str, secret_file: str | None, timeout: float, op: str, **kwargs: Any) -> Any:
     from kvlane.integration.policy_service import PolicyClient, parse_address
     from kvlane.policy.types import PolicyError
 
@@ -47,7 +47,7 @@ def _query(address: str, secret_file: str | None, timeout: float, op: str) -> An
     async def go() -> Any:
         client = PolicyClient(address, secret=secret, timeout=timeout, connect_timeout=timeout)
         try:
-            return await getattr(client, op)()
+            return await getattr(client, op)(**kwargs)
         finally:
             await client.close()
 
@@ -111,11 +111,12 @@ def ping(
 def snapshot(
     address: str = typer.Argument(..., help="tcp://HOST:PORT"),
     as_json: bool = typer.Option(False, "--json", help="Print the raw snapshot as JSON."),
+    max_paths: int = typer.Option(100, "--max-paths", min=1, max=100_000, help="Most recently measured paths to show."),
     secret_file: str | None = typer.Option(None, "--secret-file", help=_SECRET_HELP),
     timeout: float = typer.Option(5.0, help="Seconds to wait."),
 ) -> None:
     """Show the policy's state: engines, loads, leases, path estimates."""
-    snap = _query(address, secret_file, timeout, "snapshot")
+    snap = _query(address, secret_file, timeout, "snapshot", max_paths=max_paths)
     if as_json:
         typer.echo(json.dumps(snap, indent=2, sort_keys=True, default=_jsonable))
         return
@@ -152,11 +153,12 @@ def snapshot(
 @app.command()
 def hot(
     address: str = typer.Argument(..., help="tcp://HOST:PORT"),
+    top: int = typer.Option(10, "--top", "-n", min=1, max=10_000, help="Rows per table."),
     secret_file: str | None = typer.Option(None, "--secret-file", help=_SECRET_HELP),
     timeout: float = typer.Option(5.0, help="Seconds to wait."),
 ) -> None:
     """The hottest links (by reserved credit) and paths (measured slower than the fabric says, or failing)."""
-    snap = _query(address, secret_file, timeout, "snapshot")
+    snap = _query(address, secret_file, timeout, "snapshot", max_paths=1, hottest=top)
     hottest = snap.get("hottest")
     if not isinstance(hottest, dict):
         _fail(f"{address}: the snapshot has no 'hottest' section (is this a kvlane policy?)")

@@ -106,8 +106,12 @@ class PolicyApi:
         body = _body(P.ReleaseLeaseBody, lease_id=lease_id, outcome=outcome)
         return _reply(P.ReleasedReply, await self._call("release_lease", body, timeout)).released
 
-    async def snapshot(self, timeout: float | None = None) -> dict[str, Any]:
-        return await self._call("snapshot", {}, timeout)
+    async def snapshot(
+        self, timeout: float | None = None, *, max_paths: int | None = None, hottest: int | None = None
+    ) -> dict[str, Any]:
+        """The policy's state. `max_paths` / `hottest` cap the path list and the hottest tables."""
+        body = _body(P.SnapshotBody, max_paths=max_paths, hottest=hottest)
+        return await self._call("snapshot", {k: v for k, v in body.items() if v is not None}, timeout)
 
     async def announce(self, transfer_id: str, payload: dict[str, Any], timeout: float | None = None) -> float:
         """Post where transfer `transfer_id`'s KV should land (decode side). Returns the entry's expiry."""
@@ -465,8 +469,10 @@ class SyncPolicyClient:
     ) -> bool:
         return self._do(lambda c: c.release_lease(lease_id, outcome, timeout), timeout)
 
-    def snapshot(self, timeout: float | None = None) -> dict[str, Any]:
-        return self._do(lambda c: c.snapshot(timeout), timeout)
+    def snapshot(
+        self, timeout: float | None = None, *, max_paths: int | None = None, hottest: int | None = None
+    ) -> dict[str, Any]:
+        return self._do(lambda c: c.snapshot(timeout, max_paths=max_paths, hottest=hottest), timeout)
 
     def announce(self, transfer_id: str, payload: dict[str, Any], timeout: float | None = None) -> float:
         return self._do(lambda c: c.announce(transfer_id, payload, timeout), timeout)

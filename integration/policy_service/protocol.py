@@ -291,6 +291,13 @@ class Empty(WireModel):
     pass
 
 
+class SnapshotBody(WireModel):
+    """Optional caps, passed to the policy's snapshot when set (keep big pools' snapshots under max_frame)."""
+
+    max_paths: Annotated[StrictInt, Field(ge=1, le=100_000)] | None = None
+    hottest: Annotated[StrictInt, Field(ge=0, le=10_000)] | None = None
+
+
 class EngineRef(WireModel):
     engine_id: Name
 
@@ -383,7 +390,7 @@ OPS: dict[str, OpSpec] = {
     "select_pair": OpSpec(PairRequest, False),
     "acquire_lease": OpSpec(LeaseRequest, False),
     "release_lease": OpSpec(ReleaseLeaseBody, True),
-    "snapshot": OpSpec(Empty, True),
+    "snapshot": OpSpec(SnapshotBody, True),
     "announce": OpSpec(AnnounceBody, True),
     "await_announce": OpSpec(AwaitAnnounceBody, True),
     "register_rank": OpSpec(RegisterRankBody, True),

@@ -161,7 +161,8 @@ class _Connection:
             frame = P.encode_frame(obj, self.server.max_frame)
         except P.FrameTooLarge as exc:
             self.service.metrics.errors.labels(code=exc.code).inc()
-            frame = P.encode_frame(P.error_reply(obj.get("id", 0), exc.code, f"reply too large: {exc}"))
+            msg = f"reply too large: {exc} (a snapshot shrinks with max_paths / hottest)"
+            frame = P.encode_frame(P.error_reply(obj.get("id", 0), exc.code, msg))
         async with self.write_lock:
             self.writer.write(frame)
             await self.writer.drain()

@@ -173,8 +173,9 @@ class PolicyService:
             self.metrics.leases_released.inc()
         return P.ReleasedReply(released=released).to_wire()
 
-    def _snapshot(self, _msg: Any, now: float) -> dict[str, Any]:
-        snap = _plain(self.policy.snapshot(now))
+    def _snapshot(self, msg: P.SnapshotBody, now: float) -> dict[str, Any]:
+        caps = {k: v for k, v in (("max_paths", msg.max_paths), ("hottest", msg.hottest)) if v is not None}
+        snap = _plain(self.policy.snapshot(now, **caps))
         if not isinstance(snap, dict):
             raise TypeError(f"policy.snapshot returned {type(snap).__name__}, not a map")
         return snap

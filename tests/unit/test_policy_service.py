@@ -38,6 +38,7 @@ from kvlane.policy.types import (
     LoadReport,
     NoPairAvailable,
     PairRequest,
+    RankOutcome,
     Role,
     TransferOutcome,
     UnknownEngine,
@@ -174,6 +175,15 @@ async def test_tp2_lease_on_zcube_carries_one_path_per_rank(clock):
         for g in grant.paths:  # TP rank i -> TP rank i, over two-hop (B) or three-hop (A-B) ZCube paths
             assert g.src_nic.startswith(f"n0.g{g.rank}.") and g.dst_nic.startswith(f"n1.g{g.rank}.")
             assert 2 <= len(g.links) <= 3
+        ranks = [RankOutcome(rank=g.rank, path=g.path, bytes=256 << 20, seconds=0.5, ok=True) for g in grant.paths]
+        outcome = TransferOutcome(lease_id=grant.lease_id, ok=True, bytes=512 << 20, seconds=0.5, ranks=ranks)
+        assert await c.release_lease(grant.lease_id, outcome) is True
+        snap = await c.snapshot()
+        assert len(snap["paths"]) == 2  # one estimate per rank's path, fed by the outcome
+        assert {tuple(p["links"]) for p in snap["paths"]} == {tuple(g.links) for g in grant.paths}
+        assert len((await c.snapshot(max_paths=1))["paths"]) == 1
+        with pytest.raises(BadRequest, match="max_paths"):
+            await c.snapshot(max_paths=0)
 
 
 async def test_policy_errors_come_back_typed(client):
