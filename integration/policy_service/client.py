@@ -200,10 +200,11 @@ class PolicyClient(PolicyApi):
     """Async client: `async with PolicyClient("tcp://127.0.0.1:7000") as c: d = await c.select_pair(req)`.
 
     `secret="env"` (the default) takes the shared secret from $KVLANE_SECRET (none if unset); pass bytes to
-    give it, or None to send no MAC. Calls on one client share one connection (multiplexed by id). A dropped connection is re-made on the
-    next call; a call whose request may have reached the server before the drop is retried only if its op
-    is idempotent (`protocol.OPS[op].idempotent`), else it raises ConnectionLost. Errors come back as the
-    server's PolicyError subclass; a deadline miss raises CallTimeout.
+    give it, or None to send no MAC. Calls on one client share one connection (multiplexed by id). A
+    dropped connection is re-made on the next call; a call whose request may have reached the server before
+    the drop is retried only if its op is idempotent (`protocol.OPS[op].idempotent`), else it raises
+    ConnectionLost. Errors come back as the server's PolicyError subclass; a deadline miss raises
+    CallTimeout.
     """
 
     def __init__(
