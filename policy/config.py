@@ -71,6 +71,10 @@ class SelectionConfig(_Knobs):
     max_prefill_queue: int = Field(default=64, ge=1)
     max_decode_queue: int = Field(default=256, ge=1)
     decode_memory_limit: float = Field(default=0.97, gt=0.0, le=1.0)
+    #: Requests assigned since an engine's last load report count as queued (so bursts spread). They are
+    #: forgotten when the engine reports, when their transfer is leased (P) or ends (D), and at the latest
+    #: after this many seconds without a report (so a silent router cannot make engines look full forever).
+    pending_ttl_s: float = Field(default=5.0, gt=0.0)
     #: Allow pairs with different TP sizes when one divides the other (rank mapping in docs/leases.md).
     heterogeneous_tp: bool = False
 

@@ -94,6 +94,7 @@ class Policy:
         self._p_key: dict[str, tuple[int, int, str]] = {}
         self._p_tp: dict[int, int] = {}  # TP size -> number of prefill-capable engines
         self._picks = 0
+        self._pending_since: float | None = None  # when the oldest unforgotten assignment was made
         self._lease_seq = 0
         self.counters: dict[str, int] = {
             "decisions": 0, "sticky": 0, "home_moves": 0, "no_pair": 0, "grants_reserved": 0,
@@ -275,7 +276,24 @@ class Policy:
             self.counters["no_pair"] += 1
             raise
 
+    def _forget_pending(self, now: float) -> None:
+        """Assignments older than `pending_ttl_s` no longer count (see SelectionConfig.pending_ttl_s)."""
+        since = self._pending_since
+        if since is not None and now - since >= self.config.selection.pending_ttl_s:
+            for e in self._engines.values():
+                if e.pending:
+                    e.pending = 0
+                    self._reorder(e)
+            self._pending_since = None
+
+    def _unpend(self, engine_id: str) -> None:
+        e = self._engines.get(engine_id)
+        if e is not None and e.pending > 0:
+            e.pending -= 1
+            self._reorder(e)
+
     def _select(self, req: PairRequest, now: float) -> PairDecision:
+        self._forget_pending(now)
         moved_from: str | None = None
         sess = self.sessions.get(req.session_id, now) if req.session_id else None
         if sess is not None:
@@ -303,6 +321,8 @@ class Policy:
         self.counters["decisions"] += 1
         self.counters["sticky"] += sticky
         self._picks += 1
+        if self._pending_since is None:
+            self._pending_since = now
         for e in (p, d):
             e.pending += 1
             e.last_pick = self._picks
@@ -435,6 +455,7 @@ class Policy:
             self.counters["denials"] += 1
             return LeaseDenied(transfer_id=req.transfer_id, reason=out.reason, retry_after=out.retry_after)
         self.counters["grants_reserved" if klass == "reserved" else "grants_best_effort"] += 1
+        self._unpend(p.engine_id)  # P finished this prefill
         grant = LeaseGrant(
             lease_id=lease_id, transfer_id=req.transfer_id, prefill=p.engine_id, decode=d.engine_id,
             bytes=req.bytes, klass=klass, granted_at=now, expires_at=out.expires_at,
@@ -487,6 +508,7 @@ class Policy:
         lease = self.ledger.get(lease_id)
         res = self.ledger.release(lease_id, now)
         if lease is not None:
+            self._unpend(lease.decode)  # the KV has arrived (or never will): D's next report says the rest
             self.counters["releases" if res == "released" else "expired"] += 1
             if outcome is not None:
                 self._feed(lease.payload, outcome, now)
@@ -520,7 +542,10 @@ class Policy:
 
     def expire(self, now: float) -> list[str]:
         """End leases past their expiry (their holder never released) and forget idle sessions."""
-        out = [lease.lease_id for lease in self.ledger.expire(now)]
+        ended = self.ledger.expire(now)
+        for lease in ended:
+            self._unpend(lease.decode)
+        out = [lease.lease_id for lease in ended]
         self.counters["expired"] += len(out)
         self.sessions.sweep(now)
         return out

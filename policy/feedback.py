@@ -54,6 +54,10 @@ class PathFeedback:
     def __len__(self) -> int:
         return len(self._paths)
 
+    def view(self) -> Mapping[PathKey, PathEstimate]:
+        """Live read-only view of the estimates (for the scorer's hot path)."""
+        return self._paths
+
     def get(self, key: PathKey) -> PathEstimate | None:
         return self._paths.get(key)
 

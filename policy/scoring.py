@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .config import ScoringWeights
 from .credits import CreditLedger
@@ -74,8 +74,7 @@ class EngineState:
         return self.queue + self.pending
 
 
-@dataclass(frozen=True, slots=True)
-class Terms:
+class Terms(NamedTuple):
     """Raw (unweighted) values of one pair's terms, and the paths they were computed on."""
 
     qp: float
@@ -103,6 +102,7 @@ class PairScorer:
         self._cache: dict[tuple[str, str], tuple[PathInfo, ...]] = {}
         self._cache_pairs = cache_pairs
         self._reserved = ledger.reserved_view()
+        self._estimates = feedback.view()
 
     # ---- paths ---------------------------------------------------------------------------------------------
 
@@ -162,15 +162,29 @@ class PairScorer:
         return out
 
     def terms(self, p: EngineState, d: EngineState, kv_bytes: int, acache: float) -> Terms:
-        """Raw terms of a pair, computed on the paths its rank-0 streams would use (`chosen`)."""
+        """Raw terms of a pair, on the paths its rank-0 streams would use: the best candidate by goodness
+        (ties: the topology's order), and the second best too when there are several streams."""
         streams = p.tp if p.tp >= d.tp else d.tp
-        rated = self._rated(self.path_infos(p.gpu0, d.gpu0))
-        used = rated[:2] if streams > 1 else rated[:1]
+        estimates = self._estimates
+        reserved = self._reserved
+        b1: tuple[float, float, float, PathInfo] | None = None
+        b2: tuple[float, float, float, PathInfo] | None = None
+        for info in self.path_infos(p.gpu0, d.gpu0):
+            est = estimates.get(info.key)
+            gbps = est.bw_gbps if est is not None and est.bw_gbps is not None else info.static_gbps
+            cong = self.congestion(info) if reserved else 0.0
+            g = gbps * (1.0 - cong)
+            if b1 is None or g > b1[0]:
+                b2, b1 = b1, (g, gbps, cong, info)
+            elif b2 is None or g > b2[0]:
+                b2 = (g, gbps, cong, info)
+        assert b1 is not None
+        used = (b1, b2) if streams > 1 and b2 is not None else (b1,)
         rank_bits = kv_bytes * (1.0 - acache) * 8.0 / streams
         tkv = 0.0
         hops = 0
         cong = 0.0
-        for _, _, info, gbps, c in used:
+        for _, gbps, c, info in used:
             t = rank_bits / (gbps * 1e9) if gbps > 0 else float("inf")
             if t > tkv:
                 tkv = t
@@ -179,7 +193,7 @@ class PairScorer:
             if c > cong:
                 cong = c
         return Terms(p.load, d.load, tkv, hops + self.w.congestion_hops * cong, d.memory, acache,
-                     tuple(x[2] for x in used))
+                     tuple(x[3] for x in used))
 
     def total(self, t: Terms) -> float:
         w = self.w

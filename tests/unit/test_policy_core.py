@@ -429,3 +429,24 @@ def test_mixed_tp_pools_pair_within_their_tp_size():
     # The TP=1 prefill engines are less loaded, but only P2 matches D2's TP size.
     d = pol.select_pair(PairRequest(request_id="r"), 0.0)
     assert (d.prefill, d.decode) == ("P2", "D2")
+
+
+def test_assignments_count_until_reported_leased_or_stale():
+    pol = loopback_policy()
+
+    def pending() -> dict[str, int]:
+        return {e["engine_id"]: e["pending"] for e in pol.snapshot(0.0)["engines"]}
+
+    for i in range(3):
+        pol.select_pair(PairRequest(request_id=f"r{i}"), 0.0)
+    assert pending() == {"P0": 3, "D0": 2, "D1": 1}
+    g = lease(pol, "t", "P0", "D0")  # P0 finished one prefill
+    assert pending()["P0"] == 2
+    pol.release_lease(g.lease_id, None, 0.1)  # D0 received it
+    assert pending()["D0"] == 1
+    pol.report_load(LoadReport(engine_id="D1", queue_depth=4), 0.2)
+    assert pending()["D1"] == 0
+    # No report for longer than pending_ttl_s (5 s): old assignments are forgotten, not counted forever.
+    d = pol.select_pair(PairRequest(request_id="r9"), 6.0)
+    assert pending() == {"P0": 1, "D0": 1 if d.decode == "D0" else 0, "D1": 1 if d.decode == "D1" else 0}
+    assert d.breakdown["qp"] == 0.0
