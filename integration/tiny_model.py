@@ -156,7 +156,9 @@ def build_tiny_llama(
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars would clutter the demo's output
     tokenizer = _build_tokenizer(vocab)
     n_vocab = len(tokenizer)
     config = LlamaConfig(
