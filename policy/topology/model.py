@@ -283,6 +283,12 @@ class Topology:
         self._gpu(gpu)
         return [p.id for p in self._gpu_ports[gpu]]
 
+    def gpu_of_port(self, port: str) -> str:
+        gpu = self._port_gpu.get(port)
+        if gpu is None:
+            raise TopologyError(f"unknown NIC port {port!r}")
+        return gpu
+
     def switch_of_port(self, port: str) -> str:
         gpu = self._port_gpu.get(port)
         if gpu is None:
