@@ -93,6 +93,8 @@ class Policy:
         self._p_order: list[tuple[int, int, str]] = []  # (load, last pick, id) of prefill-capable engines
         self._p_key: dict[str, tuple[int, int, str]] = {}
         self._p_tp: dict[int, int] = {}  # TP size -> number of prefill-capable engines
+        self._wide_cache: dict[tuple[int, int, str], list[str]] = {}  # (cell, tier, role) -> engine ids
+        self._rot = 0
         self._picks = 0
         self._pending_since: float | None = None  # when the oldest unforgotten assignment was made
         self._lease_seq = 0
@@ -180,6 +182,7 @@ class Policy:
                     other.adjacent.append(tile)
             cell.tiles.append(tile)
         e.tile, e.cell = tile, cell
+        self._wide_cache.clear()
         if e.can_prefill:
             tile.prefill[e.engine_id] = None
             cell.prefill[e.engine_id] = None
@@ -192,6 +195,7 @@ class Policy:
             cell.decode[e.engine_id] = None
 
     def _unplace(self, e: EngineState) -> None:
+        self._wide_cache.clear()
         for group in (e.tile, e.cell):
             group.prefill.pop(e.engine_id, None)
             group.decode.pop(e.engine_id, None)
@@ -216,21 +220,36 @@ class Policy:
             self._p_key[e.engine_id] = new
 
     def _tier_members(self, tile: _Tile, tier: int, role: str) -> Iterator[str]:
-        """Engine ids with `role` ("prefill"/"decode") in tier `tier` around `tile`."""
+        """Engine ids with `role` ("prefill"/"decode") in tier `tier` around `tile`. The wide tiers (same cell,
+        cross cell) start at a rotating offset, so a caller that stops after enough candidates samples them
+        fairly instead of always favouring the first-registered engines."""
         if tier == 0:
             yield from getattr(tile, role)
-        elif tier == 1:
+            return
+        if tier == 1:
             for t in tile.adjacent:
                 yield from getattr(t, role)
-        elif tier == 2:
-            near = {id(tile), *(id(t) for t in tile.adjacent)}
-            for t in tile.cell.tiles:
-                if id(t) not in near:
-                    yield from getattr(t, role)
-        else:
-            for c in self._cells:
-                if c is not tile.cell:
-                    yield from getattr(c, role)
+            return
+        key = (tile.cell.idx, tier, role)
+        members = self._wide_cache.get(key)
+        if members is None:
+            if tier == 2:
+                members = list(getattr(tile.cell, role))
+            else:
+                members = [i for c in self._cells if c is not tile.cell for i in getattr(c, role)]
+            self._wide_cache[key] = members
+        n = len(members)
+        if not n:
+            return
+        self._rot += 1
+        start = (self._rot * 97) % n
+        engines = self._engines
+        near = (tile, *tile.adjacent) if tier == 2 else ()
+        for j in range(n):
+            i = members[(start + j) % n]
+            if tier == 2 and engines[i].tile in near:
+                continue
+            yield i
 
     # ---- admissibility -------------------------------------------------------------------------------------
 
@@ -360,6 +379,7 @@ class Policy:
         wide_m = self.config.selection.wide_tier_shortlist
         decode_cost = self.scorer.decode_cost
         has_credit = self.ledger.has_stream_credit
+        enough = 2 * wide_m  # wide tiers: stop scanning once this many candidates are found
         # Nearest tier with an admissible D that has a stream credit wins. If no D anywhere has a credit, the
         # nearest tier with an admissible D is used anyway (the lease will wait for a credit, not the pair).
         fallback: tuple[int, list[tuple[EngineState, EngineState]]] | None = None
@@ -374,7 +394,9 @@ class Policy:
                     if self._decode_ok(d, p, exclude):
                         if has_credit(i):
                             ok.append(d)
-                        elif fallback is None:
+                            if tier >= 2 and len(ok) >= enough:
+                                break
+                        elif fallback is None and len(waiting) < enough:
                             waiting.append(d)
                 if tier >= 2:
                     if len(ok) > wide_m:
@@ -405,8 +427,13 @@ class Policy:
         engines = self._engines
         wide_m = self.config.selection.wide_tier_shortlist
         for tier in range(4):
-            ps = [p for p in (engines[i] for i in self._tier_members(d.tile, tier, "prefill"))
-                  if self._prefill_ok(p, d)]
+            ps: list[EngineState] = []
+            for i in self._tier_members(d.tile, tier, "prefill"):
+                p = engines[i]
+                if self._prefill_ok(p, d):
+                    ps.append(p)
+                    if tier >= 2 and len(ps) >= 2 * wide_m:
+                        break
             if tier >= 2 and len(ps) > wide_m:
                 ps = heapq.nsmallest(wide_m, ps, key=self.scorer.prefill_cost)
             if ps:
