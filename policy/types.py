@@ -57,7 +57,7 @@ class WireModel(BaseModel):
         if len(data) > max_bytes:
             raise SchemaError(f"{cls.__name__}: message of {len(data)} bytes exceeds the {max_bytes}-byte limit")
         try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=max_bytes)
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types for garbage
             raise SchemaError(f"{cls.__name__}: not valid msgpack ({exc.__class__.__name__})") from None
         return cls.from_wire(obj)
