@@ -18,6 +18,7 @@ from .credits import CreditLedger, Denial, Klass
 from .feedback import PathFeedback
 from .scoring import EngineState, PairScorer, PathInfo, Terms
 from .sessions import SessionTable
+from .topology import Topology
 from .types import (
     EngineInfo,
     InvalidRequest,
@@ -77,7 +78,7 @@ def rank_map(tp_prefill: int, tp_decode: int) -> list[tuple[int, int]]:
 class Policy:
     """Decides pairs, paths and credits. See docs/leases.md and docs/sessions-and-feedback.md."""
 
-    def __init__(self, topology: Any, config: PolicyConfig | None = None):
+    def __init__(self, topology: Topology, config: PolicyConfig | None = None):
         self.topology = topology
         self.config = config or PolicyConfig()
         cfg = self.config
