@@ -21,6 +21,8 @@ def _links(t):  # type: ignore[no-untyped-def]
     ("railfly-small.yaml", "railfly:rails=4,radix=8", (20, 4, 26, 2)),
     # fat-tree k=4: 16 hosts, 20 switches, 48 links, diameter 5
     ("fattree-small.yaml", "fattree:k=4", (16, 20, 48, 5)),
+    # ROFT 8 hosts × 4 rails, radix 8: 8 leaves + 4 spines, 32 GPU + 8·4 leaf-spine = 64 links, diameter 3
+    ("roft-small.yaml", "roft:nodes=8,rails=4,radix=8", (32, 12, 64, 3)),
 ])
 def test_examples_load_and_match_their_generator(fname: str, spec: str, figures: tuple[int, ...]) -> None:
     t = load_topology(str(EXAMPLES / fname))
