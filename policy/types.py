@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 #: Hard ceiling on one encoded message; the service applies its own (smaller or equal) frame limit.
 MAX_MESSAGE_BYTES = 1 << 20
 
-Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:/@\-]+$")]
+#: Ids and names: engine ids, GPU / NIC / link ids, path names. `#` occurs in topology link ids of parallel
+#: cables (e.g. "s3--s29#2").
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:/@#\-]+$")]
 NonNeg = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 

@@ -450,3 +450,15 @@ def test_assignments_count_until_reported_leased_or_stale():
     d = pol.select_pair(PairRequest(request_id="r9"), 6.0)
     assert pending() == {"P0": 1, "D0": 1 if d.decode == "D0" else 0, "D1": 1 if d.decode == "D1" else 0}
     assert d.breakdown["qp"] == 0.0
+
+
+def test_grants_carry_parallel_link_ids():
+    # Rail-Fabric wires some switch pairs with parallel cables ("s3--s29#2"); grants must carry those ids.
+    topo = load_topology("railfabric")
+    pol = Policy(topo)
+    pol.register_engine(EngineInfo(engine_id="P", role=Role.PREFILL, gpus=topo.gpus_of("n124")), 0.0)
+    pol.register_engine(EngineInfo(engine_id="D", role=Role.DECODE, gpus=topo.gpus_of("n119")), 0.0)
+    g = lease(pol, "t", "P", "D", nbytes=8 * GB)
+    assert isinstance(g, LeaseGrant)
+    assert LeaseGrant.from_msgpack(g.to_msgpack()) == g
+    assert any("#" in link for x in g.paths for link in x.links)
