@@ -54,7 +54,8 @@ class HeteroTP(BaseModel):
 class TransportConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["ucx", "tcp"] = "ucx"
+    #: "auto" = ucx when ucxx imports, else tcp (both ends of a transfer must resolve the same way).
+    backend: Literal["auto", "ucx", "tcp"] = "auto"
     host: str = "127.0.0.1"
     tp_size: int = Field(default=1, ge=1)
     paths: dict[str, PathConfig] = Field(default_factory=_default_paths, min_length=1)

@@ -122,6 +122,8 @@ class KVTransport:
         if rank >= self.config.tp_size:
             raise ValueError(f"rank {rank} is outside tp_size {self.config.tp_size}")
         self.key = f"{engine_id}/rank{rank}"
+        self.backend = resolve_backend(self.config.backend)
+        self._pushes: dict[concurrent.futures.Future[TransferResult], tuple[str, str]] = {}
         self._regions: list[Region] = []
         self._layout_tag = ""
         self._expects: dict[str, _Expect] = {}
@@ -157,7 +159,7 @@ class KVTransport:
         if not self._regions:
             raise TransportError("register_regions() before descriptor()")
         return Descriptor(
-            engine_id=self.engine_id, rank=self.rank, tp_size=self.config.tp_size, backend=self.config.backend,
+            engine_id=self.engine_id, rank=self.rank, tp_size=self.config.tp_size, backend=self.backend,
             paths=self._addresses, layout_tag=self._layout_tag,
             regions=[RegionInfo(dtype=r.dtype, block_shape=list(r.shape[1:]), block_bytes=r.block_bytes,
                                 num_blocks=r.num_blocks, nbytes=r.nbytes) for r in self._regions],
@@ -193,8 +195,11 @@ class KVTransport:
             raise ValueError(f"no link to {peer.key} on path {path!r}; connected paths: {sorted(peer.links)}")
         runs = self._validate_copies(copies, peer.descriptor, sending=True)
         _check_tid(transfer_id)
+        _check_deadline(deadline_s)
         fut: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
         fut.set_running_or_notify_cancel()
+        self._pushes[fut] = (transfer_id, path)
+        fut.add_done_callback(lambda f: self._pushes.pop(f, None))
         asyncio.run_coroutine_threadsafe(
             self._push(peer.links[path], transfer_id, path, runs, deadline_s, fut), self._loop)
         return fut
@@ -205,6 +210,7 @@ class KVTransport:
         ``transfer_id``; resolves when every byte is in place, or with ok=False at the deadline."""
         self._check_open()
         _check_tid(transfer_id)
+        _check_deadline(deadline_s)
         runs = self._validate_copies(copies, None, sending=False)
         spans = dst_intervals([(c.region, c.dst_offset, c.nbytes) for c in runs])
         fut: concurrent.futures.Future[TransferResult] = concurrent.futures.Future()
@@ -221,6 +227,8 @@ class KVTransport:
         except Exception as exc:  # closing must not raise into the engine's shutdown path
             log.warning("kvlane transport %s: unclean shutdown: %s", self.key, exc)
         self._stop_loop()
+        for fut, (tid, path) in list(self._pushes.items()):  # nobody may wait forever on a closed transport
+            _resolve(fut, TransferResult(tid, False, 0, 0.0, path, "transport closed before the push finished"))
 
     def __enter__(self) -> KVTransport:
         return self
@@ -235,8 +243,8 @@ class KVTransport:
             raise TransportError(f"transport {self.key} is closed")
 
     def _check_peer(self, desc: Descriptor) -> None:
-        if desc.backend != self.config.backend:
-            raise PeerError(f"peer {desc.key} runs backend {desc.backend!r}, we run {self.config.backend!r}")
+        if desc.backend != self.backend:
+            raise PeerError(f"peer {desc.key} runs backend {desc.backend!r}, we run {self.backend!r}")
         het = self.config.hetero_tp
         if het is None:
             if desc.rank != self.rank:
@@ -320,11 +328,14 @@ class KVTransport:
             self._loop.close()
 
     async def _start(self) -> None:
-        if self.config.backend == "ucx":
-            from .ucx import UcxBackend  # imported lazily: needs ucxx
-
+        if self.backend == "ucx":
             for k, v in self.config.ucx_env.items():
                 os.environ.setdefault(k, v)
+            try:
+                from .ucx import UcxBackend  # imported lazily: needs ucxx
+            except ImportError as exc:
+                raise TransportError(f"backend 'ucx' needs ucxx (pip install 'ucxx-cu12==0.52.*'): {exc}; "
+                                     "use backend='tcp' or 'auto'") from None
             make = lambda name, cfg: UcxBackend(self, name, cfg)  # noqa: E731
         else:
             from .tcp import TcpBackend
@@ -580,6 +591,20 @@ async def _next(q: asyncio.Queue[Wire], link: Link, timeout: float | None) -> Wi
 def _resolve(fut: concurrent.futures.Future[TransferResult], res: TransferResult) -> None:
     if not fut.done():
         fut.set_result(res)
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` → ``ucx`` when ucxx is importable, else ``tcp``."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "ucx" if importlib.util.find_spec("ucxx") is not None else "tcp"
+
+
+def _check_deadline(deadline_s: float) -> None:
+    if not isinstance(deadline_s, (int, float)) or not 0 < deadline_s < 86400:
+        raise ValueError(f"deadline_s must be a positive number of seconds, got {deadline_s!r}")
 
 
 def _check_tid(tid: str) -> None:

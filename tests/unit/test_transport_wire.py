@@ -117,3 +117,22 @@ def test_config_validation() -> None:
         TransportConfig(paths={"bad name": PathConfig()})
     with pytest.raises(ValidationError):
         TransportConfig(backend="rdma")
+
+
+def test_auto_backend_and_bad_deadlines() -> None:
+    import importlib.util
+
+    import numpy as np
+    from kvlane.transport import KVTransport
+
+    want = "ucx" if importlib.util.find_spec("ucxx") else "tcp"
+    with KVTransport("E", 0, TransportConfig(paths={"tcp": PathConfig()})) as t:
+        assert t.backend == want
+        t.register_regions([np.zeros((2, 8), np.uint8)])
+        assert Descriptor.from_msgpack(t.descriptor()).backend == want
+        with pytest.raises(ValueError, match="deadline_s must be a positive"):
+            t.expect("x", [BlockCopy(0, 0, 0, 8)], 0)
+        with pytest.raises(ValueError, match="outside|past our region"):
+            t.expect("x", [BlockCopy(0, 0, 8, 16)], 1.0)
+    with pytest.raises(Exception, match="closed"):
+        t.expect("x", [BlockCopy(0, 0, 0, 8)], 1.0)
