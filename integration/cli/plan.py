@@ -101,3 +101,37 @@ def kv_bytes_cmd(
         table.add_row(f"{tokens:,} tokens", f"{out['bytes']:,} B ({out['bytes'] / 1e9:.2f} GB)")
         table.add_row(f"per rank (TP={tp})", f"{out['bytes_per_rank']:,} B ({out['bytes_per_rank'] / 1e6:.0f} MB)")
     Console().print(table)
+
+
+@app.command("decode-pool")
+def decode_pool_cmd(
+    output_tokens_per_s: float = typer.Option(..., "--output-tokens-per-s", help="Generated tokens/s, whole pool."),
+    decode_tokens_per_s: float = typer.Option(..., "--decode-tokens-per-s", help="Tokens/s one D engine generates."),
+    sessions: int = typer.Option(..., "--sessions", help="Active sessions whose KV D must hold."),
+    context_tokens: float = typer.Option(..., "--context-tokens", help="Average context per session."),
+    kv_bytes_per_token: int = typer.Option(..., "--kv-bytes-per-token", help="From `kvlane plan kv-bytes`."),
+    kv_capacity_gb: float = typer.Option(..., "--kv-capacity-gb", help="KV memory of one D engine, GB."),
+    ingress_gbps: float = typer.Option(..., "--ingress-gbps", help="KV arriving from the P pool, Gbps."),
+    engine_ingress_gbps: float = typer.Option(..., "--engine-ingress-gbps", help="NIC Gbps of one D engine."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """N_D = max(decode compute, KV memory, KV ingress) (seed §4)."""
+    try:
+        pool = planner.decode_pool_size(
+            output_tokens_per_s=output_tokens_per_s, decode_tokens_per_s_per_engine=decode_tokens_per_s,
+            active_sessions=sessions, context_tokens=context_tokens, kv_bytes_per_token=kv_bytes_per_token,
+            kv_capacity_bytes_per_engine=kv_capacity_gb * 1e9, kv_ingress_bytes_per_s=ingress_gbps * 1e9 / 8,
+            ingress_bytes_per_s_per_engine=engine_ingress_gbps * 1e9 / 8)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    out = {"compute": pool.compute, "memory": pool.memory, "ingress": pool.ingress, "engines": pool.engines,
+           "bound_by": pool.bound_by}
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    table = Table(title="Decode pool size N_D (seed §4)")
+    for col in ("compute", "memory", "ingress", "N_D", "bound by"):
+        table.add_column(col, justify="right")
+    table.add_row(str(pool.compute), str(pool.memory), str(pool.ingress), str(pool.engines), pool.bound_by)
+    Console().print(table)

@@ -135,3 +135,19 @@ def test_cli_kv_bytes(tmp_path):
     assert json.loads(res.stdout)["bytes_per_token"] == 89_856
     res = runner.invoke(app, ["plan", "kv-bytes"])
     assert res.exit_code == 2 and "give --config" in res.output
+
+
+def test_cli_decode_pool():
+    # 1,000 sessions × 64K tokens × 89,856 B = 5.75 TB over 480 GB engines → 12; 100K tok/s over 5K → 20;
+    # 3.2 Tbps of KV over 1.6 Tbps engines → 2.
+    res = runner.invoke(app, ["plan", "decode-pool", "--output-tokens-per-s", "100000", "--decode-tokens-per-s",
+                              "5000", "--sessions", "1000", "--context-tokens", "64000", "--kv-bytes-per-token",
+                              "89856", "--kv-capacity-gb", "480", "--ingress-gbps", "3200",
+                              "--engine-ingress-gbps", "1600", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"compute": 20, "memory": 12, "ingress": 2, "engines": 20,
+                                      "bound_by": "compute"}
+    res = runner.invoke(app, ["plan", "decode-pool", "--output-tokens-per-s", "1", "--decode-tokens-per-s", "0",
+                              "--sessions", "1", "--context-tokens", "1", "--kv-bytes-per-token", "1",
+                              "--kv-capacity-gb", "1", "--ingress-gbps", "1", "--engine-ingress-gbps", "1"])
+    assert res.exit_code == 2 and "decode_tokens_per_s_per_engine must be > 0" in res.output
