@@ -14,7 +14,7 @@ from typing import Any
 
 import networkx as nx
 
-from .model import Path, Topology, TopologyError, generic_router, prefix_namer
+from .model import Namer, Path, Topology, TopologyError, generic_router, prefix_namer
 
 ParamValue = int | float | str
 
@@ -186,25 +186,90 @@ def _zcube(a: dict[str, Any]) -> Topology:
     return t
 
 
-def _zcube2_router(n: int, index: dict[str, int]) -> Callable[[Topology, str, str], list[Path]]:
+def _zcube2_router(n: int, index: dict[str, int], cells: int = 1, xcell_namer: Namer | None = None
+                   ) -> Callable[[Topology, str, str], list[Path]]:
     """ZCube(n,2) closed form (seed §7): P=(A_p,B_p), D=(A_d,B_d);
     zcube-path1: P→A_p→B_d→D (leaves on P's p0, arrives on D's p1); zcube-path2: P→B_p→A_d→D;
-    plus the one-switch path when P and D share a switch (zcube-a via A, zcube-b via B)."""
+    plus the one-switch path when P and D share a switch (zcube-a via A, zcube-b via B).
+    With several cells (zrail), GPU index x lies in cell x // n²; cell c's switches are indices 2n·c + …, named
+    "c<c>.A<i>"; pairs in different cells use the generic router (shortest routes) named by `xcell_namer`."""
+    per_cell = n * n
 
     def route(t: Topology, src: str, dst: str) -> list[Path]:
-        ap, bp = divmod(index[src], n)
-        ad, bd = divmod(index[dst], n)
+        cs, xs = divmod(index[src], per_cell)
+        cd, xd = divmod(index[dst], per_cell)
+        if cs != cd:
+            return generic_router(t, src, dst, namer=xcell_namer)
+        base, pre = 2 * n * cs, (f"c{cs}." if cells > 1 else "")
+        ap, bp = divmod(xs, n)
+        ad, bd = divmod(xd, n)
         out = [
-            t.make_path("zcube-path1", f"{src}.p0", [ap, n + bd], [f"A{ap}--B{bd}"], f"{dst}.p1"),
-            t.make_path("zcube-path2", f"{src}.p1", [n + bp, ad], [f"A{ad}--B{bp}"], f"{dst}.p0"),
+            t.make_path("zcube-path1", f"{src}.p0", [base + ap, base + n + bd], [f"{pre}A{ap}--{pre}B{bd}"],
+                        f"{dst}.p1"),
+            t.make_path("zcube-path2", f"{src}.p1", [base + n + bp, base + ad], [f"{pre}A{ad}--{pre}B{bp}"],
+                        f"{dst}.p0"),
         ]
         if ap == ad:
-            out.append(t.make_path("zcube-a", f"{src}.p0", [ap], [], f"{dst}.p0"))
+            out.append(t.make_path("zcube-a", f"{src}.p0", [base + ap], [], f"{dst}.p0"))
         if bp == bd:
-            out.append(t.make_path("zcube-b", f"{src}.p1", [n + bp], [], f"{dst}.p1"))
+            out.append(t.make_path("zcube-b", f"{src}.p1", [base + n + bp], [], f"{dst}.p1"))
         return out
 
     return route
+
+
+# ---------------------------------------------------------------------------------------------- Hybrid ZRail
+@_register(
+    "zrail",
+    "PD-aware Hybrid ZRail (seed §9, §12): `cells` ZCube(n,2) cells (full bipartite inside a cell), joined by "
+    "sparse inter-cell links: switch i of cell c links to switch i of cells c±1 … c±xcell (a ring of cells); "
+    "node attribute cell = cell index; cross-cell paths are named xcell-<src port>-<dst port>[-i]",
+    Param("cells", int, 4, "ZCube cells"),
+    Param("n", int, 32, "ZCube(n,2) per cell: n² GPUs, 2n switches"),
+    Param("xcell", int, 1, "ring depth of the inter-cell links (each switch gets min(2·xcell, cells-1) of them)"),
+    Param("gpus_per_node", int, 8, "GPUs per host"),
+    Param("gbps", float, 200.0, "GPU NIC port speed"),
+    Param("isl_gbps", float, 200.0, "intra-cell bipartite link speed"),
+    Param("xcell_gbps", float, 400.0, "inter-cell link speed"),
+)
+def _zrail(a: dict[str, Any]) -> Topology:
+    cells, n, xc, gpn = a["cells"], a["n"], a["xcell"], a["gpus_per_node"]
+    _positive("zrail", cells=cells, n=n, xcell=xc, gpus_per_node=gpn)
+    if n < 2 or (n * n) % gpn:
+        raise TopologyError(f"zrail: need n >= 2 and gpus_per_node dividing n² = {n * n}")
+    if cells * n * n > 1 << 20:
+        raise TopologyError("zrail: more than 1,048,576 GPUs")
+    per_cell = n * n
+    t = Topology(f"zrail-{cells}x{per_cell}")
+    gpus = _nodes_of(t, cells * per_cell, gpn, "zrail", cell_of=lambda m: m * gpn // per_cell)
+    for c in range(cells):
+        for layer in "AB":
+            for i in range(n):
+                t.add_switch(f"c{c}.{layer}{i}")
+    for x, g in enumerate(gpus):
+        c, xl = divmod(x, per_cell)
+        t.add_port(g, "p0", f"c{c}.A{xl // n}", a["gbps"])
+        t.add_port(g, "p1", f"c{c}.B{xl % n}", a["gbps"])
+    for c in range(cells):
+        for i in range(n):
+            for j in range(n):
+                t.add_link(f"c{c}.A{i}", f"c{c}.B{j}", a["isl_gbps"], kind="inter-switch")
+    made: set[tuple[int, int]] = set()
+    for c in range(cells):
+        for r in range(1, xc + 1):
+            c2 = (c + r) % cells
+            if c2 == c or (min(c, c2), max(c, c2)) in made:
+                continue
+            made.add((min(c, c2), max(c, c2)))
+            for layer in "AB":
+                for i in range(n):
+                    t.add_link(f"c{c}.{layer}{i}", f"c{c2}.{layer}{i}", a["xcell_gbps"], kind="inter-cell")
+    index = {g: x for x, g in enumerate(gpus)}
+    ring = cells // 2
+    t.set_router(_zcube2_router(n, index, cells, lambda sp, dp, i: f"xcell-{sp}-{dp}" + (f"-{i}" if i else "")),
+                 diameter=lambda: 2 if cells == 1 else 2 + -(-ring // xc))
+    t.ecmp = 2
+    return t
 
 
 # ---------------------------------------------------------------------------------------------- fat-tree

@@ -175,3 +175,31 @@ def test_16k_fabric_builds_without_all_pairs_work(roft16k: Topology) -> None:
     roft16k.paths("n0.g0", "n2047.g0")
     roft16k.paths("n1.g0", "n2046.g0")
     assert roft16k._bfs_cached.cache_info().currsize - before <= 1
+
+
+# ------------------------------------------------------------------------------------------------ Hybrid ZRail
+def test_zrail_four_1024_gpu_cells() -> None:
+    # Seed Tier 2: 4 × 1024-GPU cells. Per cell ZCube(32,2): 1024 GPUs, 64 switches, 2048 access + 1024
+    # bipartite links. Ring of 4 cells, depth 1: 4 cell pairs × 64 same-index switch pairs = 256 inter-cell.
+    # Total 4·3072 + 256 = 12,544 links; ports 32 GPU + 32 bipartite + 2 inter-cell = 66.
+    # Diameter: opposite cells are 2 ring steps apart → A_p, one switch per step, then B_d: 2 + 2 = 4.
+    t = load_topology("zrail:cells=4,n=32,xcell=1")
+    assert (t.num_gpus, len(t.nodes), t.num_switches, t.num_links) == (4096, 512, 256, 12_544)
+    assert t.summary()["link_kinds"] == {"gpu-access": 8192, "inter-cell": 256, "inter-switch": 4096}
+    assert t.summary()["switch_ports"] == {"min": 66, "max": 66} and t.summary()["cells"] == 4
+    assert t.diameter_hops() == 4
+    # n0 and n100 are in cell 0 (nodes 0-127): the ZCube closed form, with cell-prefixed switches
+    assert [p.switches for p in t.paths("n0.g0", "n100.g3")] == [("c0.A0", "c0.B3"), ("c0.B0", "c0.A25")]
+    # n200 is in cell 1: 3-switch cross-cell routes first
+    x = t.paths("n0.g0", "n200.g3")
+    assert x[0].hops == 3 and x[0].name.startswith("xcell-")
+    assert any(t.link(lid).kind == "inter-cell" for lid in x[0].links)
+    assert t.locality("n0.g0", "n200.g3") is Locality.CROSS_CELL
+    assert t.locality("n0.g0", "n100.g3") is Locality.SAME_CELL
+
+
+@pytest.mark.parametrize("spec", ["zrail:cells=5,n=4,gpus_per_node=2", "zrail:cells=6,n=3,xcell=2,gpus_per_node=1",
+                                  "zrail:cells=2,n=4,gpus_per_node=2"])
+def test_zrail_formula_agrees_with_bfs(spec: str) -> None:
+    t = load_topology(spec)
+    assert t.diameter_hops() == t.diameter_hops_bfs()

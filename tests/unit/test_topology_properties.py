@@ -20,6 +20,7 @@ SPECS = [
     "railfabric:switches=16,down=8,expander=3,fastlane=4,dheavy=4,dheavy_fastlane=6,gpus_per_node=4",
     "dragonfly:routers=3,hosts=2,global=1",
     "torus:dims=3x4,gpus_per_node=2",
+    "zrail:cells=3,n=3,gpus_per_node=3",
 ]
 
 
