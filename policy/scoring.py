@@ -14,7 +14,7 @@ from typing import Any, NamedTuple, Protocol
 from .config import ScoringWeights
 from .credits import CreditLedger
 from .feedback import PathFeedback, PathKey, path_key
-from .types import EngineInfo
+from .types import EngineInfo, NoPairAvailable
 
 #: Breakdown keys, in formula order (Acache's entry is already negative: the terms sum to the total).
 TERMS = ("qp", "qd", "tkv", "hpath", "md", "acache")
@@ -119,7 +119,7 @@ class PairScorer:
                          float(p.bottleneck_gbps), tuple(cap(lk) for lk in p.links))
                 for p in self.topology.paths(src_gpu, dst_gpu))
             if not infos:
-                raise ValueError(f"topology has no path from GPU {src_gpu} to GPU {dst_gpu}")
+                raise NoPairAvailable(f"the topology has no path from GPU {src_gpu} to GPU {dst_gpu}")
             self._cache[k] = infos
         return infos
 
