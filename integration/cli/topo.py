@@ -11,7 +11,9 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 import typer
+import yaml
 from kvlane.policy.topology import Topology, TopologyError, generators_help, load_topology
+from kvlane.policy.topology.loader import topology_to_dict
 from rich.console import Console
 from rich.table import Table
 
@@ -74,6 +76,25 @@ def inspect_cmd(
 def _path_dict(topo: Topology, p: Any) -> dict[str, Any]:
     return {"name": p.name, "hops": p.hops, "bottleneck_gbps": p.bottleneck_gbps, "switches": list(p.switches),
             "src_nic": p.src_nic, "dst_nic": p.dst_nic, "links": list(p.links)}
+
+
+@app.command("export")
+def export_cmd(
+    spec: Annotated[str, typer.Argument(help=SPEC_HELP)],
+    output: Annotated[FsPath | None, typer.Option("-o", "--output", help="YAML file to write (default: stdout).")
+                      ] = None,
+) -> None:
+    """Write a fabric as a topology YAML file (a starting point to edit). Generator-specific path names
+    (zcube-path1, rail3, ...) are not carried over: a YAML file names routes by NIC port pair."""
+    topo = _load(spec)
+    if topo.num_links > 200_000:
+        _fail(f"{topo.name}: {topo.num_links:,} links is too large to export as YAML (limit 200,000)")
+    text = f"# exported by `kvlane topo export {spec}`\n" + yaml.safe_dump(topology_to_dict(topo), sort_keys=False)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}: {topo.num_gpus} GPUs, {topo.num_switches} switches, {topo.num_links} links")
 
 
 @app.command("paths")

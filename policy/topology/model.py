@@ -128,7 +128,7 @@ def prefix_namer(prefix: str) -> Namer:
     return lambda sp, dp, i: f"{prefix}-{i}"
 
 
-@dataclass
+@dataclass(eq=False)
 class Topology:
     """A fabric. Build it with `add_node` / `add_switch` / `add_port` / `add_link`, or get one from
     `load_topology(spec)`. After construction it is read-only except for tiles/roles (`apply_placement`)."""

@@ -95,3 +95,14 @@ def test_plan_tiles_json() -> None:
     assert r.exit_code == 2 and "not a square ZCube(n,2) cell; pass --topology" in r.output
     r = runner.invoke(plan_app, ["tiles", "--topology", "railfly:rails=8,radix=128", "--ratio", "5:3"])
     assert r.exit_code == 0 and "5P+3D" in r.output
+
+
+def test_export_round_trips(tmp_path: Path) -> None:
+    out = tmp_path / "t.yaml"
+    r = runner.invoke(topo_app, ["export", "railfly:rails=4,radix=8", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(topo_app, ["inspect", str(out), "--json"])
+    s = json.loads(r.output)
+    # 5 hosts × 4 GPUs, 4 rail switches, 20 access + 6 inter-group links, diameter 2
+    assert (s["gpus"], s["switches"], s["links"], s["diameter_hops"]) == (20, 4, 26, 2)
+    assert s["link_kinds"] == {"gpu-access": 20, "inter-group": 6}
