@@ -73,6 +73,7 @@ def generate(spec: str) -> Topology:
     gen = GENERATORS.get(name)
     if gen is None:
         raise TopologyError(f"unknown generator {name!r}; known: {', '.join(sorted(GENERATORS))}")
+    tiles = raw.pop("tiles", None)
     known = {p.name: p for p in gen.params}
     for k in raw:
         if k not in known:
@@ -92,11 +93,18 @@ def generate(spec: str) -> Topology:
     topo = gen.build(args)
     topo.spec = spec
     topo.params = {"generator": name, **args, **topo.params}
+    if tiles is not None:
+        from .placement import plan_tiles
+
+        plan_tiles(topo, ratio=tiles).apply(topo)
+        topo.params["tiles"] = tiles
     return topo
 
 
 def generators_help() -> str:
-    return "\n\n".join(g.help_text() for g in GENERATORS.values())
+    return "\n\n".join([*(g.help_text() for g in GENERATORS.values()),
+                        "Every generator also takes tiles=P:D (e.g. zcube:n=32,k=2,tiles=3:2): place affinity\n"
+                        "  tiles of pP+dD nodes plus flex nodes with plan_tiles() and set node tiles/roles."])
 
 
 def _positive(name: str, **vals: float) -> None:

@@ -113,3 +113,12 @@ def test_greedy_fallback_for_three_port_fabrics() -> None:
     assert pl.method == "greedy"
     assert (len(pl.tiles), len(pl.flex)) == (6, 2)        # 32 // 5 = 6, 32 - 30 = 2
     assert sum(r == "prefill" for r in pl.roles.values()) == 18
+
+
+def test_tiles_spec_parameter_applies_a_placement() -> None:
+    t = load_topology("zcube:n=32,k=2,tiles=3:2")
+    assert t.summary()["tiles"] == 25 and t.params["tiles"] == "3:2"
+    roles = [t.node_attrs(n)["role_hint"] for n in t.nodes]
+    assert (roles.count("prefill"), roles.count("decode"), roles.count("flex")) == (75, 50, 3)
+    with pytest.raises(TopologyError, match="ratio must look like P:D"):
+        load_topology("zcube:n=32,k=2,tiles=three")
