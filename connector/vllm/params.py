@@ -109,7 +109,7 @@ class ConnectorConfig(BaseModel):
     engine_id: Name
     #: Where clients reach this engine's OpenAI server (registered with the policy service).
     http: Annotated[str, Field(max_length=300)] = ""
-    #: Topology GPU id per TP rank; default `local.g<rank>` (the loopback topology's names).
+    #: Topology GPU id per TP rank; default `n0.g<rank>` (the `loopback` topology generator's names).
     gpus: list[Name] | None = None
     #: Host the worker's KV receive socket binds (and advertises). Loopback by default.
     kv_host: Annotated[str, Field(max_length=200)] = "127.0.0.1"
@@ -133,7 +133,7 @@ class ConnectorConfig(BaseModel):
 
     def gpu_ids(self, tp_size: int) -> list[str]:
         if self.gpus is None:
-            return [f"local.g{r}" for r in range(tp_size)]
+            return [f"n0.g{r}" for r in range(tp_size)]
         if len(self.gpus) != tp_size:
             raise ValueError(f"extra_config.gpus names {len(self.gpus)} GPUs but tensor_parallel_size is {tp_size}")
         return list(self.gpus)

@@ -79,7 +79,8 @@ def block_bytes_per_rank(kv_cache_config: Any) -> int:
 
 
 class SchedulerSide:
-    def __init__(self, vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig):
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig, client: Any = None):
+        """`client`: a SyncPolicyClient-like object (tests inject an embedded one); default: TCP to cfg.policy."""
         from kvlane.integration.policy_service.client import SyncPolicyClient
 
         self.cfg = cfg
@@ -94,7 +95,7 @@ class SchedulerSide:
         self.block_bytes = self.rank_block_bytes * self.tp_size
         self.num_blocks = kv_cache_config.num_blocks
         self.gpus = cfg.gpu_ids(self.tp_size)
-        self.client = SyncPolicyClient(cfg.policy, timeout=cfg.rpc_timeout_s)
+        self.client = client or SyncPolicyClient(cfg.policy, timeout=cfg.rpc_timeout_s)
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kvlane-sched")
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -395,6 +396,7 @@ class SchedulerSide:
                 why, wait = ans.reason, max(0.05, ans.retry_after)
             except Exception as exc:
                 why = f"{exc.__class__.__name__}: {exc}"
+                logger.warning("kvlane P: acquire_lease for %s failed (%s); retrying", req.transfer_id, why)
             if time.monotonic() + wait >= deadline or self._closed.is_set():
                 self._drop(job, f"no_lease: {why}")
                 return None

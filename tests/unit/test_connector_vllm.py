@@ -11,6 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("vllm")
 
+# Importing vLLM alone costs ~10 s of CPU; the tests themselves take a few seconds.
+pytestmark = pytest.mark.slow
+
 from kvlane.connector.vllm.blockwire import BlockServer, PagedLayers, push_blocks  # noqa: E402
 from kvlane.connector.vllm.meta import KVLaneStats, KVLaneWorkerMeta, RankReport  # noqa: E402
 from kvlane.connector.vllm.params import (  # noqa: E402
@@ -49,7 +52,7 @@ def test_params_not_a_map():
 
 def test_config_defaults_and_errors():
     cfg = parse_config({"policy": "tcp://127.0.0.1:1", "role": "prefill", "engine_id": "p0"})
-    assert cfg.gpu_ids(2) == ["local.g0", "local.g1"]
+    assert cfg.gpu_ids(2) == ["n0.g0", "n0.g1"]
     assert cfg.fault_injection.corrupt_kv is False
     with pytest.raises(ValueError, match="tensor_parallel_size is 2"):
         parse_config({"policy": "tcp://h:1", "role": "prefill", "engine_id": "p0", "gpus": ["a"]}).gpu_ids(2)
@@ -204,3 +207,148 @@ def test_descriptor_round_trip_and_refusals():
         decode_descriptor(d, 0)
     with pytest.raises(ValueError, match="not msgpack"):
         decode_descriptor(b"\xc1", 0)
+
+
+# ------------------------------------------------------------------------------------ scheduler side
+
+from types import SimpleNamespace  # noqa: E402
+
+from kvlane.connector.vllm.meta import KVLaneMetadata  # noqa: E402
+from kvlane.connector.vllm.scheduler import SchedulerSide  # noqa: E402
+
+PAGE = 16384  # bytes of one block of one layer on one rank
+POLICY = "tcp://127.0.0.1:1"
+
+
+@pytest.fixture
+def policy_client():
+    from kvlane.integration.policy_service.app import build_policy
+    from kvlane.integration.policy_service.client import EmbeddedPolicy, SyncPolicyClient
+
+    policy = build_policy("loopback:gpus=2")
+    client = SyncPolicyClient(factory=lambda: EmbeddedPolicy(policy))
+    yield client
+    client.close()
+
+
+def _side(role: str, client, **knobs) -> SchedulerSide:
+    vcfg = SimpleNamespace(cache_config=SimpleNamespace(block_size=32),
+                           parallel_config=SimpleNamespace(tensor_parallel_size=1))
+    kcfg = SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=SimpleNamespace(page_size_bytes=PAGE),
+                                                            layer_names=["l0", "l1"])], num_blocks=100)
+    eid, gpu = ("p0", "n0.g0") if role == "prefill" else ("d0", "n0.g1")
+    cfg = parse_config({"policy": POLICY, "role": role, "engine_id": eid, "gpus": [gpu], **knobs})
+    return SchedulerSide(vcfg, kcfg, cfg, client=client)
+
+
+def _request(role: str, n: int, tid: str = "t-1", **over):
+    from vllm.v1.request import RequestStatus
+
+    params = {**GOOD, "transfer_id": tid, "policy": POLICY, "role": role, **over}
+    return SimpleNamespace(request_id=f"req-{role}-{tid}", kv_transfer_params=params, num_prompt_tokens=n,
+                           status=RequestStatus.FINISHED_LENGTH_CAPPED)
+
+
+def _until(fn, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.02)
+    raise AssertionError("condition not reached")
+
+
+def _out(meta=None, sending=(), recving=()):
+    return SimpleNamespace(kv_connector_worker_meta=meta, finished_sending=set(sending),
+                           finished_recving=set(recving))
+
+
+def test_decode_claims_the_delta_arms_then_announces(policy_client):
+    d = _side("decode", policy_client)
+    req = _request("decode", 100)
+    assert d.get_num_new_matched_tokens(req, 32) == (68, True)  # D holds the first block locally
+    blocks = SimpleNamespace(get_block_ids=lambda: ([40, 41, 42, 43],))
+    d.update_state_after_alloc(req, blocks, 68)
+    assert d.get_num_new_matched_tokens(req, 32) == (0, False)  # consumed: a preemption does not reload
+    meta = d.build_connector_meta()
+    (arm,) = meta.arm
+    assert arm.dst_blocks == [41, 42, 43] and arm.transfer_id == "t-1"
+    # Nothing is announced before the workers confirm the blocks are armed.
+    d.update_connector_output(_out(KVLaneWorkerMeta(armed={req.request_id: 1})))
+    payload = policy_client.await_announce("t-1", timeout_s=5.0)
+    assert payload == {"decode": "d0", "first_block": 1, "block_ids": [41, 42, 43], "num_tokens": 100,
+                       "block_size": 32, "tp_size": 1}
+    d.update_connector_output(_out(KVLaneWorkerMeta(received={req.request_id: [RankReport(0, True, 3 * 2 * PAGE, 0.01)]}),
+                                   recving=[req.request_id]))
+    delay, params = d.request_finished(req, [40, 41, 42, 43])
+    assert delay is False
+    assert params == {"kvlane": 1, "transfer_id": "t-1", "status": "done", "received_bytes": 3 * 2 * PAGE,
+                      "received_blocks": 3, "first_block": 1, "block_bytes": 2 * PAGE}
+    d.shutdown()
+
+
+def test_malformed_params_are_ignored_not_fatal(policy_client):
+    d = _side("decode", policy_client)
+    req = _request("decode", 100, transfer_id="bad id with spaces")
+    assert d.get_num_new_matched_tokens(req, 0) == (0, False)
+    d.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([1, 2, 3, 4],)), 0)
+    assert d.build_connector_meta().arm == []
+    other = _request("decode", 100, tid="t-9", decode="d7")  # addressed to another engine
+    assert d.get_num_new_matched_tokens(other, 0) == (0, False)
+    d.shutdown()
+
+
+def test_prefill_pushes_only_announced_blocks_under_a_lease(policy_client):
+    p = _side("prefill", policy_client)
+    req = _request("prefill", 100, tid="t-2")
+    delay, params = p.request_finished(req, [5, 6, 7, 8])
+    assert delay is True and params["status"] == "pushing"
+    assert p.has_pending_push_work()
+    from kvlane.connector.vllm.worker import encode_descriptor
+    from kvlane.policy.types import EngineInfo, Role
+
+    policy_client.register_engine(EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["n0.g1"]))
+    policy_client.register_rank("d0", 0, encode_descriptor("d0", 1, {"host": "127.0.0.1", "port": 5, "rank": 0,
+                                                                     "fingerprint": "f"}))
+    policy_client.announce("t-2", {"decode": "d0", "first_block": 2, "block_ids": [70, 71], "num_tokens": 100,
+                                   "block_size": 32, "tp_size": 1})
+    metas: list[KVLaneMetadata] = []
+    _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
+    (order,) = metas[-1].push
+    assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and order.peers[0]["port"] == 5
+    (lease,) = policy_client.snapshot()["leases"]
+    assert lease["bytes"] == 2 * 2 * PAGE and lease["transfer_id"] == "t-2"
+    report = RankReport(0, True, 2 * 2 * PAGE, 0.02, order.paths[0])
+    p.update_connector_output(_out(KVLaneWorkerMeta(pushed={req.request_id: [report]}), sending=[req.request_id]))
+    _until(lambda: policy_client.snapshot()["leases"] == [])
+    assert not p.has_pending_push_work()
+    stats = p.stats()
+    assert stats is not None and stats.data["push_bytes"] == [2 * 2 * PAGE]
+    p.shutdown()
+
+
+def test_prefill_without_announce_frees_its_blocks_at_the_deadline(policy_client):
+    p = _side("prefill", policy_client, announce_timeout_s=0.3)
+    req = _request("prefill", 64, tid="t-3")
+    assert p.request_finished(req, [1, 2])[0] is True
+    metas: list[KVLaneMetadata] = []
+    _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].drop)
+    assert metas[-1].drop == [req.request_id] and not any(m.push for m in metas)
+    assert policy_client.snapshot()["leases"] == []
+    p.update_connector_output(_out(sending=[req.request_id]))
+    assert not p.has_pending_push_work()
+    assert p.stats().data["failures"] == {"no_announce": 1}
+    p.shutdown()
+
+
+def test_prefill_refuses_an_announce_for_other_tokens(policy_client):
+    p = _side("prefill", policy_client)
+    req = _request("prefill", 100, tid="t-4")
+    p.request_finished(req, [1, 2, 3, 4])
+    policy_client.announce("t-4", {"decode": "d0", "first_block": 0, "block_ids": [9, 9, 9], "num_tokens": 90,
+                                   "block_size": 32, "tp_size": 1})
+    metas: list[KVLaneMetadata] = []
+    _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].drop)
+    assert p.stats().data["failures"] == {"announce_mismatch": 1}
+    p.shutdown()
