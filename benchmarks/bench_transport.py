@@ -119,9 +119,10 @@ def bench_raw_ucxx(sizes: list[int], reps: int) -> dict[int, list[float]]:
 
 def bench_kvlane(backend: str, path: str, sizes: list[int], reps: int, scattered: bool) -> dict[int, list[float]]:
     from kvlane.transport import BlockShape, KVTransport, TransportConfig, block_copies
+    from kvlane.transport.config import _default_paths
     from transport_peer import Peer
 
-    paths = {"tcp": {}} if backend == "tcp" else {path: {"ucx": {"TLS": "sm,self" if path == "shm" else "tcp,self"}}}
+    paths = {"tcp": {}} if backend == "tcp" else {path: _default_paths()[path].model_dump()}
     cfg = {"backend": backend, "paths": paths}
     nblocks = max(sizes) // BLOCK_BYTES
     shape = BlockShape(8, 16, 128, 2)

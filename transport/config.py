@@ -38,7 +38,10 @@ class PathConfig(BaseModel):
 
 
 def _default_paths() -> dict[str, PathConfig]:
-    return {"shm": PathConfig(ucx={"TLS": "sm,self"}), "tcp": PathConfig(ucx={"TLS": "tcp,self"})}
+    # PROTO_ENABLE=n: UCX's new protocol layer was ~3x slower over TCP (FACTS.md; 16 MiB here: 0.03-0.06 s
+    # per push instead of 0.12-0.16 s in one A/B, a tie in the next).
+    return {"shm": PathConfig(ucx={"TLS": "sm,self"}),
+            "tcp": PathConfig(ucx={"TLS": "tcp,self", "PROTO_ENABLE": "n"})}
 
 
 class HeteroTP(BaseModel):

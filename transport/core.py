@@ -84,6 +84,10 @@ class PeerHandle:
     def key(self) -> str:
         return self.descriptor.key
 
+    def broken_paths(self) -> dict[str, str]:
+        """Paths whose link broke (peer died, endpoint error) → reason; reconnect to use them again."""
+        return {p: link.dead.result() for p, link in self.links.items() if link.dead.done()}
+
 
 @dataclass(eq=False)
 class _Expect:

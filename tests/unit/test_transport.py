@@ -105,6 +105,23 @@ def test_offer_before_expect_waits_for_the_receiver(pair: Any) -> None:
     assert same(child_regions(d)[0][6], src[0][5])
 
 
+def test_concurrent_pushes_on_one_link_all_land(pair: Any) -> None:
+    backend, p, src, d = pair
+    handle = p.connect(init(d, backend))
+    jobs = {f"req-c{i}": block_copies(i % 2, [i, i + 8], [2 * i, 2 * i + 1], SHAPE) for i in range(6)}
+    for tid, copies in jobs.items():
+        d.call(op="expect", tid=tid, copies=rows(copies), deadline=15.0)
+    futs = {tid: p.push(handle, tid, PATH[backend], copies, deadline_s=15.0) for tid, copies in jobs.items()}
+    for tid, f in futs.items():
+        res = f.result(20)
+        assert res.ok and res.bytes == 512, res
+        assert d.call(op="result", tid=tid)["ok"]
+    got = child_regions(d)
+    for i in range(6):
+        assert same(got[i % 2][[2 * i, 2 * i + 1]], src[i % 2][[i, i + 8]])
+    assert handle.broken_paths() == {}
+
+
 def test_receiver_deadline_expires_with_clear_error(pair: Any) -> None:
     backend, _, _, d = pair
     init(d, backend)
@@ -205,6 +222,11 @@ def test_receiver_killed_mid_transfer_sender_fails_in_time_and_lives_on(pair: An
             assert res.bytes == 32 << 20
         else:
             assert "broke" in res.error or "deadline of 3.0s expired" in res.error, res
+        if backend == "tcp" or "broke" in (res.error or ""):
+            time.sleep(0.2)
+            assert PATH[backend] in handle.broken_paths()
+            late = p.push(handle, "big-late", PATH[backend], BIG_COPIES[:1], deadline_s=2.0).result(5)
+            assert not late.ok and "down" in late.error
         # the survivor keeps working, with a new peer
         handle = p.connect(init(d, backend, blocks=BIG_BLOCKS))
         few = block_copies(0, [0, 1, 2], [10, 11, 12], SHAPE)
