@@ -569,6 +569,54 @@ def _railfabric(a: dict[str, Any]) -> Topology:
     return t
 
 
+# ---------------------------------------------------------------------------------------------- D-centric expander
+@_register(
+    "dexpander",
+    "D-centric asymmetric expander (seed §10, simplified variant): no spine, switches joined by a seeded random "
+    "expander; normal switches have `down` GPU ports + `expander` links, D-heavy switches fewer GPU ports and "
+    "more expander links; nodes on D-heavy switches get role_hint=decode; one NIC port per GPU, a node's GPUs "
+    "on one switch; paths base-0, base-1, ...",
+    Param("switches", int, 64, "Ethernet switches"),
+    Param("down", int, 32, "GPU ports on a normal (P-bearing) switch"),
+    Param("expander", int, 8, "expander links on a normal switch"),
+    Param("dheavy", int, 16, "D-heavy switches (every switches/dheavy-th one)"),
+    Param("dheavy_down", int, 24, "GPU ports on a D-heavy switch (seed: 24-28)"),
+    Param("dheavy_expander", int, 16, "expander links on a D-heavy switch (seed: 12-16)"),
+    Param("gpus_per_node", int, 8, "GPUs per host (must divide down and dheavy_down)"),
+    Param("gbps", float, 400.0, "GPU NIC speed"),
+    Param("isl_gbps", float, 400.0, "expander link speed"),
+    Param("seed", int, 0, "random seed of the expander"),
+)
+def _dexpander(a: dict[str, Any]) -> Topology:
+    S, nh, gpn = a["switches"], a["dheavy"], a["gpus_per_node"]
+    down, hdown, d, hd = a["down"], a["dheavy_down"], a["expander"], a["dheavy_expander"]
+    _positive("dexpander", switches=S, down=down, dheavy_down=hdown, expander=d, gpus_per_node=gpn)
+    if not 0 <= nh <= S or down % gpn or hdown % gpn:
+        raise TopologyError("dexpander: need 0 <= dheavy <= switches and gpus_per_node dividing both down "
+                            "and dheavy_down")
+    heavy = {i * S // nh for i in range(nh)} if nh else set()
+    degrees = [hd if s in heavy else d for s in range(S)]
+    if max(degrees) >= S or sum(degrees) % 2:
+        raise TopologyError("dexpander: expander degrees must be < switches with an even sum")
+    try:
+        g = nx.random_degree_sequence_graph(degrees, seed=a["seed"], tries=50)
+    except nx.NetworkXError as exc:
+        raise TopologyError(f"dexpander: no expander with these degrees (seed {a['seed']}): {exc}") from None
+    t = Topology(f"dexpander-{S}")
+    m = 0
+    for s in range(S):
+        t.add_switch(f"s{s}")
+        for _ in range((hdown if s in heavy else down) // gpn):
+            for gid in t.add_node(f"n{m}", gpn, role_hint="decode" if s in heavy else None):
+                t.add_port(gid, "p0", f"s{s}", a["gbps"])
+            m += 1
+    for u, v in sorted(tuple(sorted(e)) for e in g.edges):
+        t.add_link(f"s{u}", f"s{v}", a["isl_gbps"], kind="expander")
+    t.set_router(namer=prefix_namer("base"))
+    t.params.update(dheavy_switches=[f"s{h}" for h in sorted(heavy)])
+    return t
+
+
 # ---------------------------------------------------------------------------------------------- Dragonfly
 @_register(
     "dragonfly",

@@ -203,3 +203,20 @@ def test_zrail_four_1024_gpu_cells() -> None:
 def test_zrail_formula_agrees_with_bfs(spec: str) -> None:
     t = load_topology(spec)
     assert t.diameter_hops() == t.diameter_hops_bfs()
+
+
+# ------------------------------------------------------------------------------------------------ D-centric
+def test_dexpander_seed_variant() -> None:
+    # 64 switches, 16 D-heavy: 48 × 32 + 16 × 24 = 1,920 GPUs = 240 nodes; expander links
+    # (48 × 8 + 16 × 16) / 2 = 320; every switch uses 40 ports (32 + 8 or 24 + 16).
+    t = load_topology("dexpander:switches=64,down=32,expander=8,dheavy=16,dheavy_down=24,dheavy_expander=16")
+    assert (t.num_gpus, len(t.nodes), t.num_switches, t.num_links) == (1920, 240, 64, 1920 + 320)
+    assert t.summary()["switch_ports"] == {"min": 40, "max": 40}
+    heavy = t.params["dheavy_switches"]
+    assert len(heavy) == 16 and heavy[:2] == ["s0", "s4"]
+    expander_deg = {s: t.switch_degree(s) - (24 if s in heavy else 32) for s in t.switches}
+    assert {expander_deg[s] for s in heavy} == {16} and set(expander_deg.values()) == {8, 16}
+    roles = [t.node_attrs(n)["role_hint"] for n in t.nodes]
+    assert roles.count("decode") == 16 * 24 // 8 == 48
+    assert t.diameter_hops() == t.diameter_hops_bfs() >= 3
+    assert t.paths("n0.g0", "n239.g7")[0].name == "base-0"

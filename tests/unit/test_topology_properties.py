@@ -21,6 +21,7 @@ SPECS = [
     "dragonfly:routers=3,hosts=2,global=1",
     "torus:dims=3x4,gpus_per_node=2",
     "zrail:cells=3,n=3,gpus_per_node=3",
+    "dexpander:switches=8,down=4,expander=3,dheavy=2,dheavy_down=2,dheavy_expander=5,gpus_per_node=2",
 ]
 
 
