@@ -159,6 +159,18 @@ def _loopback(a: dict[str, Any]) -> Topology:
     Param("isl_gbps", float, 200.0, "inter-switch link speed"),
 )
 def _zcube(a: dict[str, Any]) -> Topology:
+    """ZCube(n,k) by the seed's recursion: ZCube(n,1) = 1 switch + n GPUs, ZCube(n,k+1) = n·ZCube(n,k) + n^k
+    switches → n^k GPUs, k layers of n^(k-1) switches, k ports per GPU, diameter k.
+
+    Where the seed disagrees with itself we follow the recursion and its concrete figures: §2 also states
+    "n^(k+1) GPUs, k+1 layers of n^k" (BCube's indexing, k from 0), which would make ZCube(128,2) 2,097,152
+    GPUs, whereas the seed's ZCube(128,2) has 16,384 GPUs, 256 switches, 2 ports per GPU, diameter 2, and
+    49,152 cables (32,768 GPU + 16,384 bipartite) — all reproduced here, as is §5's cell table (ZCube(32,2) =
+    1024 GPUs / 64 switches / 64 ports). §8's "ZCube bipartite links" column ((N/8)²: 1,000 GPUs → 15,876)
+    assumes one switch per 8-GPU node and contradicts §5 (1024 GPUs → 32² = 1,024 links); we follow §5.
+    GPU x (= gpus_per_node·node + rank) has base-n digits; its layer-l switch joins the n GPUs that agree
+    with x on every digit but digit l; layers l and l+1 are linked once per GPU (between x's two switches).
+    """
     n, k, gpn = a["n"], a["k"], a["gpus_per_node"]
     _positive("zcube", n=n, k=k, gpus_per_node=gpn)
     if n < 2 or k > 8:
