@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvlane.policy.config import CreditConfig, FeedbackConfig, ScoringWeights
 from kvlane.policy.credits import CreditLedger, Lease
 from kvlane.policy.feedback import PathFeedback
@@ -94,3 +96,17 @@ def test_custom_weights():
     assert (w.alpha, w.beta, w.zeta) == (2.0, 1.0, 0.0)
     with pytest.raises(ValueError, match="alpha"):
         ScoringWeights(alpha=-1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(qp=st.integers(0, 500), qd=st.integers(0, 500), mem=st.floats(0, 1), hit=st.floats(0, 1),
+       kv=st.integers(0, 1 << 40), alpha=st.floats(0, 10), zeta=st.floats(0, 10))
+def test_breakdown_always_sums_to_the_score(qp, qd, mem, hit, kv, alpha, zeta):
+    topo = load_topology("loopback:gpus=2")
+    ledger = CreditLedger(CreditConfig(), lambda link: topo.link(link).gbps)
+    scorer = PairScorer(topo, ledger, PathFeedback(FeedbackConfig()), ScoringWeights(alpha=alpha, zeta=zeta))
+    p = engine("P", Role.PREFILL, ["n0.g0"], queue=qp)
+    d = engine("D", Role.DECODE, ["n0.g1"], queue=qd, memory=mem)
+    score, t = scorer.score(p, d, kv_bytes=kv, acache=hit)
+    assert sum(scorer.breakdown(t).values()) == pytest.approx(score, rel=1e-9, abs=1e-9)
+    assert t.tkv == pytest.approx(kv * (1 - hit) * 8 / 100e9)
