@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .wire import MAX_CONTROL_BYTES, Data, Hello, PathAddress, Wire, WireError, decode_control
+from .wire import MAX_CONTROL_BYTES, Data, Hello, PathAddress, Wire, WireError, decode_control, encode_control
 
 if TYPE_CHECKING:
     from .core import KVTransport
@@ -64,7 +64,7 @@ class TcpLink:
     # sending
 
     async def send_ctrl(self, msg: Wire) -> None:
-        data = msg.to_msgpack()
+        data = encode_control(msg)
         async with self._wlock:
             await self._sendall(_LEN.pack(len(data)) + data)
 

@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import PathConfig
-from .wire import MAX_CONTROL_BYTES, Descriptor, Hello, Offer, PathAddress, Wire, WireError, decode_control
+from .wire import (
+    MAX_CONTROL_BYTES,
+    Descriptor,
+    Hello,
+    Offer,
+    PathAddress,
+    Wire,
+    WireError,
+    decode_control,
+    encode_control,
+)
 
 if TYPE_CHECKING:
     from .core import KVTransport
@@ -60,7 +70,7 @@ class UcxLink:
             self.loop.call_soon_threadsafe(self._kill, "UCX endpoint error or close (peer gone?)")
 
     async def send_ctrl(self, msg: Wire) -> None:
-        data = msg.to_msgpack()
+        data = encode_control(msg)
         await self._send(np.frombuffer(_LEN.pack(len(data)) + data, dtype=np.uint8), CTRL_TAG)
 
     async def _send(self, view: Any, tag: int) -> None:

@@ -158,6 +158,15 @@ Control = Annotated[Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done |
 _CONTROL = TypeAdapter(Control)
 
 
+def encode_control(msg: Wire) -> bytes:
+    """Encode a control message, refusing one the peer would refuse (over ``MAX_CONTROL_BYTES``)."""
+    data = msg.to_msgpack()
+    if len(data) > MAX_CONTROL_BYTES:
+        raise WireError(f"{type(msg).__name__} encodes to {len(data)} bytes, over the {MAX_CONTROL_BYTES}-byte "
+                        "control limit (split the transfer)")
+    return data
+
+
 def decode_control(data: bytes) -> Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data:
     obj = _unpack(data, MAX_CONTROL_BYTES, "control message")
     try:

@@ -136,3 +136,13 @@ def test_auto_backend_and_bad_deadlines() -> None:
             t.expect("x", [BlockCopy(0, 0, 8, 16)], 1.0)
     with pytest.raises(Exception, match="closed"):
         t.expect("x", [BlockCopy(0, 0, 0, 8)], 1.0)
+
+
+def test_oversized_offer_refused_by_the_sender() -> None:
+    from kvlane.transport.wire import MAX_RUNS, encode_control
+
+    big = 1 << 40  # offsets past 4 GiB take 9 bytes each in msgpack
+    runs = [(300, big + 2 * i * big, big) for i in range(MAX_RUNS)]
+    with pytest.raises(WireError, match="over the 1048576-byte control limit"):
+        encode_control(Offer(tid="t", sender="s", runs=runs, wait_s=1.0))
+    assert len(encode_control(Offer(tid="t", sender="s", runs=runs[:10], wait_s=1.0))) < 400
