@@ -8,7 +8,7 @@ clock, no I/O. Lower score wins; `breakdown` gives each weighted term so a decis
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from .config import ScoringWeights
@@ -67,7 +67,6 @@ class EngineState:
     cell: Any = None
     last_pick: int = 0
     reported_at: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def load(self) -> int:
