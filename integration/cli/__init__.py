@@ -16,6 +16,7 @@ _GROUPS = [
     ("policy", "Run or query the policy service."),
     ("router", "The OpenAI-compatible P/D router."),
     ("demo", "Self-contained demos."),
+    ("simulate", "Flow-level simulator of the policy on a fabric."),
     ("softroce", "Soft-RoCE (rdma_rxe) VM harness."),
 ]
 

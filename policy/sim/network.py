@@ -63,6 +63,8 @@ class FlowNetwork:
         self.links: dict[Hashable, LinkStats] = {}
         self.flows: dict[Hashable, Flow] = {}
         self.now = 0.0
+        #: Simulated seconds during which at least one flow was active.
+        self.busy_time = 0.0
         self._dirty = False
         #: Links that carried a flow at the last water-filling (the only ones `advance` must integrate).
         self._busy: list[Hashable] = []
@@ -129,7 +131,8 @@ class FlowNetwork:
         if self._dirty:
             self.recompute()
         dt = now - self.now
-        if dt > 0:
+        if dt > 0 and self.flows:
+            self.busy_time += dt
             for flow in self.flows.values():
                 if flow.rate > 0:
                     flow.remaining = max(0.0, flow.remaining - flow.rate * dt)

@@ -1,0 +1,56 @@
+"""`kvlane simulate` on a small fabric: JSON output, plots, and clear errors."""
+
+import json
+
+from kvlane.integration.cli import app
+from typer.testing import CliRunner
+
+runner = CliRunner()
+SMALL = ["--topology", "fattree:k=4,oversub=4,gpus_per_node=2", "--requests", "40", "--seed", "2"]
+
+
+def test_run_prints_json_summary():
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--policy", "random", "--json"])
+    assert res.exit_code == 0, res.output
+    (out,) = json.loads(res.output)
+    s = out["summary"]
+    assert s["policy"] == "random" and s["completed"] == 40
+    assert s["kv_transfer_p99_s"] >= s["kv_transfer_p50_s"] > 0
+    assert len(out["hottest_links"]) <= 10
+
+
+def test_compare_table_and_plot(tmp_path):
+    png = tmp_path / "sim.png"
+    res = runner.invoke(app, ["simulate", "compare", *SMALL, "--policies", "kvlane,least-loaded",
+                              "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert "kvlane" in res.output and "least-loaded" in res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_file_runs(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n".join(json.dumps(r) for r in [
+        {"t": 0.0, "session": "a", "prompt_tokens": 8000, "output_tokens": 20},
+        {"t": 0.1, "prompt_tokens": 4000, "output_tokens": 20},
+        {"t": 1.0, "session": "a", "prompt_tokens": 9000, "output_tokens": 20},
+    ]))
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--trace", str(trace), "--json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.output)[0]["summary"]
+    assert s["completed"] == 3 and s["sticky_hits"] == 1
+
+
+def test_bad_inputs_exit_2_naming_the_problem(tmp_path):
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--policy", "magic"])
+    assert res.exit_code == 2 and "unknown policy 'magic'" in res.output
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--workload", "chat"])
+    assert res.exit_code == 2 and "unknown --workload 'chat'" in res.output
+    res = runner.invoke(app, ["simulate", "run", "--topology", "nosuch:k=1"])
+    assert res.exit_code == 2 and "--topology" in res.output
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--load", "5"])
+    assert res.exit_code == 2 and "load must be in (0, 2]" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"t": 0, "prompt_tokens": 5}\n')
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--trace", str(bad)])
+    assert res.exit_code == 2 and "bad.jsonl:1: output_tokens" in res.output
