@@ -462,3 +462,18 @@ def test_grants_carry_parallel_link_ids():
     assert isinstance(g, LeaseGrant)
     assert LeaseGrant.from_msgpack(g.to_msgpack()) == g
     assert any("#" in link for x in g.paths for link in x.links)
+
+
+def test_outcome_on_another_candidate_path_updates_that_path():
+    pol = loopback_policy()
+    g = lease(pol, "t", "P0", "D0")
+    assert g.paths[0].path == "shm"
+    # The transport fell back to tcp for rank 0 and it failed: tcp's estimate moves, shm's does not.
+    pol.release_lease(g.lease_id, TransferOutcome(lease_id=g.lease_id, ok=False, bytes=0, seconds=1.0,
+                                                  ranks=[RankOutcome(rank=0, path="tcp", bytes=0, seconds=1.0,
+                                                                     ok=False)]), 1.0)
+    paths = {p["path"]: p for p in pol.snapshot(1.0)["paths"]}
+    assert set(paths) == {"tcp"} and paths["tcp"]["failures"] == 1
+    assert paths["tcp"]["gbps"] == pytest.approx(25 * (0.7 + 0.3 * 0.5))  # EWMA with a half-speed sample
+    with pytest.raises(InvalidRequest, match="outcome is for lease"):
+        pol.release_lease("L-1", TransferOutcome(lease_id="L-2", ok=True, bytes=0, seconds=0.0), 1.0)
