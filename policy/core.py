@@ -584,7 +584,8 @@ class Policy:
         """Everything an operator wants to see, as plain JSON/msgpack-safe data."""
         led = self.ledger
         link_frac = {link: led.link_fraction(link) for link in led.links_in_use()}
-        estimates = self.feedback.estimates()[-max_paths:]
+        all_estimates = self.feedback.estimates()
+        estimates = all_estimates[len(all_estimates) - max(0, max_paths):]
         return {
             "now": now,
             "topology": self.topology.summary(),

@@ -316,6 +316,7 @@ def test_snapshot_is_json_and_msgpack_safe():
     assert msgpack.unpackb(msgpack.packb(snap), strict_map_key=False) == snap
     assert len(snap["engines"]) == 8 and len(snap["leases"]) == 1 and snap["sessions"] == 0
     assert all(p["failures"] == 1 for p in snap["paths"])
+    assert snap["paths"] and pol.snapshot(1.0, max_paths=0)["paths"] == []
 
 
 def test_cross_cell_is_the_last_resort():
