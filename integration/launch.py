@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -77,6 +78,8 @@ class ManagedProcess:
     log_file: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    #: Directories this launcher created for the child (e.g. its TMPDIR); removed by `stop()`.
+    cleanup_dirs: list[Path] = field(default_factory=list)
 
     def start(self) -> ManagedProcess:
         if self.proc is not None:
@@ -151,7 +154,19 @@ class ManagedProcess:
                 self.proc.wait(10)
         # Children that outlived the leader (e.g. vLLM's engine core) go too.
         _signal_group(pgid, signal.SIGKILL)
+        while self.cleanup_dirs:
+            shutil.rmtree(self.cleanup_dirs.pop(), ignore_errors=True)
         return self.proc.returncode
+
+
+#: vLLM binds zmq IPC sockets at `$TMPDIR/<36-char uuid>`; sockaddr_un paths hold 107 bytes.
+MAX_TMPDIR_CHARS = 64
+
+
+def short_tmpdir(tag: str) -> Path:
+    """A fresh private directory with a short path (under /tmp when it exists), for a child's TMPDIR."""
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    return Path(tempfile.mkdtemp(prefix=f"kvl-{tag[:16]}-", dir=base))
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -366,7 +381,12 @@ def vllm_env(
         bind = ",".join(str(c) for c in cores)
     if kv_cache_gib < 1:
         raise ValueError(f"kv_cache_gib={kv_cache_gib}: vLLM takes whole GiB, at least 1")
-    tmp = Path(tmpdir) if tmpdir is not None else Path(tempfile.mkdtemp(prefix="kvlane-vllm-"))
+    tmp = Path(tmpdir) if tmpdir is not None else short_tmpdir("vllm")
+    if len(str(tmp)) > MAX_TMPDIR_CHARS:
+        raise ValueError(
+            f"TMPDIR {tmp} is {len(str(tmp))} characters; vLLM puts zmq IPC sockets there (<dir>/<uuid>) and "
+            f"socket paths are limited to 107 bytes: use a directory of at most {MAX_TMPDIR_CHARS} characters"
+        )
     tmp.mkdir(parents=True, exist_ok=True)
     extra = {
         "VLLM_CPU_OMP_THREADS_BIND": bind,
@@ -410,16 +430,18 @@ def start_vllm_engine(
                         tp=tp, block_size=block_size, max_model_len=max_model_len, dtype=dtype,
                         served_model_name=served_model_name, extra_connector_config=extra_connector_config, extra_args=extra_args)
     log = _log_path(log_file, f"vllm-{engine_id}")
+    own_tmp = tmpdir is None
+    tmp = short_tmpdir(engine_id) if own_tmp else Path(tmpdir)  # type: ignore[arg-type]
     proc = EngineProcess(
         name=f"vllm:{engine_id}",
         argv=argv,
         log_file=log,
-        env=vllm_env(cpu_cores=cpu_cores, kv_cache_gib=kv_cache_gib,
-                     tmpdir=tmpdir if tmpdir is not None else log.parent / f"tmp-{engine_id}", env=env),
+        env=vllm_env(cpu_cores=cpu_cores, kv_cache_gib=kv_cache_gib, tmpdir=tmp, env=env),
         engine_id=engine_id,
         role=role,
         host=host,
         port=port,
+        cleanup_dirs=[tmp] if own_tmp else [],
     )
     return proc.start()  # type: ignore[return-value]
 

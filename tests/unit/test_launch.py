@@ -18,6 +18,7 @@ from kvlane.integration.launch import (
     ProcessSet,
     StartTimeout,
     free_port,
+    short_tmpdir,
     vllm_command,
     vllm_env,
 )
@@ -152,3 +153,22 @@ def test_engine_wait_healthy_polls_health_until_200(tmp_path):
                          log_file=tmp_path / "x.log", env=dict(os.environ), engine_id="p0", port=free_port()).start()
     with pytest.raises(ProcessDied, match="model not found"):
         dead.wait_healthy(timeout=15, poll=0.1)
+
+
+def test_tmpdir_must_be_short_enough_for_vllm_ipc_sockets(tmp_path):
+    long_dir = tmp_path / ("x" * 80)
+    with pytest.raises(ValueError, match="socket paths are limited to 107 bytes"):
+        vllm_env(cpu_cores=[0], tmpdir=long_dir)
+    short = short_tmpdir("decode-engine-with-a-long-name")
+    try:
+        assert short.is_dir() and len(str(short)) + 1 + 36 <= 107
+    finally:
+        short.rmdir()
+
+
+def test_stop_removes_the_directories_the_launcher_created(tmp_path):
+    made = short_tmpdir("t")
+    p = ManagedProcess(name="sleeper", argv=_py("import time; time.sleep(30)"), log_file=tmp_path / "s.log",
+                       env=dict(os.environ), cleanup_dirs=[made]).start()
+    p.stop()
+    assert not made.exists()
