@@ -578,6 +578,16 @@ class Policy:
         self.sessions.sweep(now)
         return out
 
+    def expire_lease(self, lease_id: str, now: float) -> bool:
+        """End one live lease as expired now, before its `expires_at` (fault injection, operator revoke). Its
+        holder's later release answers False. True only if the lease was live."""
+        lease = self.ledger.expire_one(lease_id)
+        if lease is None:
+            return False
+        self._unpend(lease.decode)
+        self.counters["expired"] += 1
+        return True
+
     # ---- introspection -------------------------------------------------------------------------------------
 
     def snapshot(self, now: float, max_paths: int = 1000, hottest: int = 10) -> dict[str, Any]:

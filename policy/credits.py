@@ -275,6 +275,15 @@ class CreditLedger:
                 out.append(lease)
         return out
 
+    def expire_one(self, lease_id: str) -> Lease | None:
+        """End one live lease as expired before its time (fault injection; an operator's revoke). Returns it,
+        or None when it is not live (unknown, released or already expired)."""
+        lease = self._active.get(lease_id)
+        if lease is None:
+            return None
+        self._end(lease, "expired")
+        return lease
+
     def drop_holder(self, engine_id: str, now: float) -> list[Lease]:
         """The prefill engine died or left: end the leases it holds."""
         out = [self._active[i] for i in sorted(self._holder_leases.get(engine_id, ()))]

@@ -11,7 +11,9 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Literal
+
+from kvlane.policy.faults import FaultPlan, parse_plan
 
 from . import protocol as P
 from .server import PolicyServer
@@ -35,6 +37,19 @@ def start_prefix(now: float | None = None) -> str:
     """A lease-id prefix unique to this start: 'L' + base36 of the start time in ms + 4 random base36 chars."""
     ms = int((time.time() if now is None else now) * 1000)
     return f"L{_base36(ms)}{_base36(int.from_bytes(os.urandom(4), 'big') % 36**4).rjust(4, '0')}"
+
+
+def load_fault_plan(env: dict[str, str] | None = None) -> FaultPlan | None:
+    """The fault plan of $KVLANE_FAULTS: inline JSON (starts with `{`) or the path of a JSON/YAML file; None
+    when unset or when the plan injects nothing. A bad plan raises FaultPlanError naming the field."""
+    value = (env if env is not None else os.environ).get("KVLANE_FAULTS", "").strip()
+    if not value:
+        return None
+    if not value.startswith("{"):
+        with open(value, encoding="utf-8") as fh:
+            value = fh.read()
+    plan = parse_plan(value)
+    return plan if plan.enabled else None
 
 
 def build_policy(
@@ -74,9 +89,14 @@ async def serve(
     sweep_interval: float = 1.0,
     max_frame: int = P.DEFAULT_MAX_FRAME,
     ready: asyncio.Event | None = None,
+    faults: FaultPlan | None | Literal["env"] = "env",
 ) -> None:
-    """Run until SIGINT/SIGTERM (or cancellation). Logs `policy service listening on tcp://...` when ready."""
-    service = PolicyService(policy, announce_ttl=announce_ttl, sweep_interval=sweep_interval)
+    """Run until SIGINT/SIGTERM (or cancellation). Logs `policy service listening on tcp://...` when ready.
+    `faults="env"` takes the fault plan from $KVLANE_FAULTS (chaos testing; unset = no faults)."""
+    plan = load_fault_plan() if faults == "env" else faults
+    if plan is not None and plan.enabled:
+        log.warning("!!! FAULT INJECTION ON (chaos testing only): %s", plan.model_dump_json(exclude_defaults=True))
+    service = PolicyService(policy, announce_ttl=announce_ttl, sweep_interval=sweep_interval, faults=plan)
     server = PolicyServer(service, host, port, secret=secret, metrics_port=metrics_port, max_frame=max_frame)
     await server.start()
     stop = asyncio.Event()

@@ -358,11 +358,24 @@ class EmbeddedPolicy(PolicyApi):
             self._started = True
         wire = msgpack.unpackb(msgpack.packb(body, use_bin_type=True), raw=False)
         limit = self.timeout if timeout is None else timeout
+        fault = self.service.message_fault(op)
         try:
-            reply = await asyncio.wait_for(self.service.dispatch(op, wire), limit)
+            reply = await asyncio.wait_for(self._faulty(op, wire, fault), limit)
         except asyncio.TimeoutError:
             raise P.CallTimeout(f"{op}: no reply within {limit:g} s") from None
         return msgpack.unpackb(msgpack.packb(reply, use_bin_type=True), raw=False)
+
+    async def _faulty(self, op: str, wire: dict[str, Any], fault: tuple[str, float] | None) -> dict[str, Any]:
+        """dispatch, with the service's fault plan applied as the TCP server applies it (a lost request or
+        reply waits out the caller's deadline)."""
+        if fault is not None and fault[0] == "drop_request":
+            await asyncio.Event().wait()
+        reply = await self.service.dispatch(op, wire)
+        if fault is not None:
+            if fault[0] == "drop_reply":
+                await asyncio.Event().wait()
+            await asyncio.sleep(fault[1])
+        return reply
 
 
 class SyncPolicyClient:

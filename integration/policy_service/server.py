@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 from typing import Any
@@ -20,6 +21,27 @@ from . import protocol as P
 from .service import PolicyService
 
 log = logging.getLogger("kvlane.policy_service")
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` only reaches this machine: `localhost` or a loopback IP (127.0.0.0/8, ::1). Any
+    other name may resolve to a routable address, and "" / 0.0.0.0 / :: mean every interface."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, secret: bytes | None, what: str = "policy service") -> str | None:
+    """The warning to log when `host` is reachable from other machines and no shared secret is set (anyone
+    who can reach the port can then register engines, take leases and steer pairing), else None."""
+    if secret is not None or is_loopback(host):
+        return None
+    where = "ALL interfaces" if host in ("", "0.0.0.0", "::", "[::]") else f"non-loopback address {host!r}"
+    return (f"{what} binding to {where} WITHOUT a shared secret: any host that reaches this port can steer "
+            "the policy. Set --secret-file / $KVLANE_SECRET, or bind 127.0.0.1 (the default).")
 
 
 class PolicyServer:
@@ -66,6 +88,11 @@ class PolicyServer:
         return None if self.metrics_port is None else f"http://{self.metrics_host}:{self.metrics_port}/metrics"
 
     async def start(self) -> None:
+        warning = exposure_warning(self.host, self.secret)
+        if warning is not None:
+            log.warning("!!! %s", warning)
+        if self.metrics_port is not None and not is_loopback(self.metrics_host):
+            log.warning("policy service metrics (read-only, unauthenticated) exposed on %s", self.metrics_host)
         self._server = await asyncio.start_server(self._on_connect, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.metrics_port is not None:
@@ -220,22 +247,30 @@ class _Connection:
                     )
                     return
                 self.last_id = env.id
+            fault = self.service.message_fault(env.op)
+            if fault is not None and fault[0] == "drop_request":
+                continue  # lost on the way in: never executed, never answered (the client's deadline fires)
             if env.op == "await_announce":
                 if len(self.tasks) >= self.server.max_waiters:
                     await self.fail(env.id, P.Busy(
                         f"{len(self.tasks)} await_announce calls already waiting on this connection "
                         f"(limit {self.server.max_waiters}); retry later or use another connection"))
                     continue
-                task = asyncio.get_running_loop().create_task(self._serve(env))
+                task = asyncio.get_running_loop().create_task(self._serve(env, fault))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             else:
-                await self._serve(env)
+                await self._serve(env, fault)
 
-    async def _serve(self, env: P.RequestEnvelope) -> None:
+    async def _serve(self, env: P.RequestEnvelope, fault: tuple[str, float] | None = None) -> None:
         try:
             reply = P.ok_reply(env.id, await self.service.dispatch(env.op, env.body))
         except PolicyError as exc:  # dispatch already counted it
             reply = P.error_reply(env.id, exc.code, str(exc))
+        if fault is not None:
+            if fault[0] == "drop_reply":
+                return  # executed, but the answer is lost
+            if fault[0] == "delay_reply":  # ordinary ops: also holds up the ops behind it, as a slow link would
+                await asyncio.sleep(fault[1])
         with contextlib.suppress(ConnectionError):  # the peer left; the read loop sees EOF and ends
             await self.send(reply)

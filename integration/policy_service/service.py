@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvlane.policy.faults import Fault, FaultPlan
 from kvlane.policy.types import LeaseDenied, LeaseGrant, PolicyError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
@@ -48,6 +49,8 @@ class ServiceMetrics:
         )
         self.connections = Gauge("kvlane_policy_connections", "Open client connections", registry=r)
         self.announces = Gauge("kvlane_policy_announces", "Live entries on the announce board", registry=r)
+        self.faults = Counter("kvlane_policy_faults_injected", "Faults injected by the fault plan", ["fault"],
+                              registry=r)
 
 
 def _plain(obj: Any) -> Any:
@@ -77,6 +80,7 @@ class PolicyService:
         announce_ttl: float = 120.0,
         sweep_interval: float = 1.0,
         metrics: ServiceMetrics | None = None,
+        faults: FaultPlan | None = None,
     ) -> None:
         if announce_ttl <= 0 or sweep_interval <= 0:
             raise ValueError("announce_ttl and sweep_interval must be > 0")
@@ -87,6 +91,11 @@ class PolicyService:
         self.ranks = RankStore()
         self.metrics = metrics or ServiceMetrics()
         self._sweeper: asyncio.Task[None] | None = None
+        #: Fault injection (chaos tests only; None or an empty plan injects nothing).
+        self.faults = faults if faults is not None and faults.enabled else None
+        self._op_seq: dict[str, int] = {}
+        #: lease id -> when the fault plan expires it (before its promised expires_at).
+        self._doomed: dict[str, float] = {}
         self._handlers: dict[str, Callable[[Any, float], Any]] = {
             "ping": self._ping,
             "register_engine": self._register_engine,
@@ -123,6 +132,21 @@ class PolicyService:
             log.exception("op %s failed", op)
             self.metrics.errors.labels(code="internal").inc()
             raise P.ServiceError(f"internal error in {op}: {exc.__class__.__name__}: {exc}", code="internal") from exc
+
+    def message_fault(self, op: str) -> tuple[Fault, float] | None:
+        """The fault plan's verdict on the next request of `op`: None, or (fault, delay seconds) with fault one
+        of drop_request / drop_reply / delay_reply. The key is `<op>:<n>` (the n-th request of that op this
+        service has seen, from 1), so a seeded plan replays exactly for the same sequence of requests. The
+        transport (TCP server, embedded client) applies the verdict; the policy never sees dropped requests."""
+        if self.faults is None:
+            return None
+        n = self._op_seq.get(op, 0) + 1
+        self._op_seq[op] = n
+        verdict = self.faults.message_fault(op, f"{op}:{n}")
+        if verdict is not None:
+            self.metrics.faults.labels(fault=verdict[0]).inc()
+            log.warning("fault injection: %s on %s #%d", verdict[0], op, n)
+        return verdict
 
     # ---------------------------------------------------------------------------------------- handlers
 
@@ -161,6 +185,8 @@ class PolicyService:
             self.metrics.decision_seconds.labels(op="acquire_lease").observe(time.perf_counter() - t0)
         if isinstance(result, LeaseGrant):
             self.metrics.leases_granted.labels(klass=result.klass).inc()
+            if self.faults is not None and self.faults.should("expire_lease", result.lease_id):
+                self._doomed.setdefault(result.lease_id, now + self.faults.expire_lease.after_s)
             return P.LeaseReply(grant=result).to_wire()
         if isinstance(result, LeaseDenied):
             self.metrics.leases_denied.inc()
@@ -169,6 +195,7 @@ class PolicyService:
 
     def _release_lease(self, msg: P.ReleaseLeaseBody, now: float) -> dict[str, Any]:
         released = bool(self.policy.release_lease(msg.lease_id, msg.outcome, now))
+        self._doomed.pop(msg.lease_id, None)
         if released:
             self.metrics.leases_released.inc()
         return P.ReleasedReply(released=released).to_wire()
@@ -203,6 +230,15 @@ class PolicyService:
         """Expire overdue leases (policy) and announce entries (board). Returns the expired lease ids."""
         now = self.clock()
         expired = list(self.policy.expire(now) or [])
+        for lease_id, at in list(self._doomed.items()):
+            if at <= now:
+                del self._doomed[lease_id]
+                if self.policy.expire_lease(lease_id, now):
+                    self.metrics.faults.labels(fault="expire_lease").inc()
+                    log.warning("fault injection: lease %s expired early", lease_id)
+                    expired.append(lease_id)
+        for lease_id in expired:
+            self._doomed.pop(lease_id, None)
         if expired:
             self.metrics.leases_expired.inc(len(expired))
             log.info("expired %d lease(s): %s", len(expired), ", ".join(expired[:10]))
