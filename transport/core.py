@@ -99,7 +99,7 @@ class _Expect:
     timer: asyncio.TimerHandle | None = None
     link: Link | None = None
     path: str = ""
-    state: str = "waiting"  # waiting → receiving → finished
+    state: str = "waiting"  # waiting → receiving (→ abandoning) → finished
 
 
 @dataclass(eq=False)
@@ -221,6 +221,12 @@ class KVTransport:
         fut.set_running_or_notify_cancel()
         self._loop.call_soon_threadsafe(self._arm_expect, transfer_id, spans, deadline_s, fut)
         return fut
+
+    def cancel(self, transfer_id: str) -> None:
+        """Withdraw an `expect` (e.g. the request was aborted): its future resolves with ok=False, the
+        sender gets a FAIL, and bytes still in flight are kept out of our regions. No-op if unknown."""
+        self._check_open()
+        self._loop.call_soon_threadsafe(self._cancel, transfer_id)
 
     def close(self) -> None:
         if self._closed:
@@ -464,10 +470,32 @@ class KVTransport:
         if e.state == "waiting":
             self._finish_expect(e, False, f"deadline of {deadline_s}s expired: no sender offered {e.tid!r}")
         elif e.state == "receiving":
-            msg = f"deadline of {deadline_s}s expired while receiving {e.nbytes} bytes from {e.link.peer_key}"
-            e.link.disarm(e.tid)
-            self._reply(e.link, Fail(tid=e.tid, error=msg))
+            self._abandon(e, f"deadline of {deadline_s}s expired while receiving {e.nbytes} bytes from "
+                             f"{e.link.peer_key}")
+
+    def _abandon(self, e: _Expect, msg: str) -> None:
+        if e.state != "receiving":
             self._finish_expect(e, False, msg)
+            return
+        e.state = "abandoning"  # no other path may finish it meanwhile
+        link = e.link
+
+        async def tell_then_disarm() -> None:
+            try:  # tell the sender first: a ucx disarm closes the endpoint the FAIL would travel on
+                await asyncio.wait_for(link.send_ctrl(Fail(tid=e.tid, error=msg)), 1.0)
+            except Exception as exc:
+                log.info("kvlane transport %s: FAIL for %s not delivered: %s", self.key, e.tid, exc)
+            finally:
+                link.disarm(e.tid)  # late bytes must never land in blocks that are about to be reused
+                e.state = "receiving"
+                self._finish_expect(e, False, msg)
+
+        asyncio.ensure_future(tell_then_disarm())
+
+    def _cancel(self, tid: str) -> None:
+        e = self._expects.get(tid)
+        if e is not None:
+            self._abandon(e, f"expect({tid!r}) cancelled by the receiver")
 
     def _finish_expect(self, e: _Expect, ok: bool, error: str | None = None) -> None:
         if e.state == "finished":

@@ -24,6 +24,8 @@ log = logging.getLogger("kvlane.transport.tcp")
 _LEN = struct.Struct("<I")
 _SOCKBUF = 4 << 20
 _DRAIN_CHUNK = 1 << 20
+#: Data frames carry at most this much, so a failed transfer stops within one frame.
+FRAME_BYTES = 4 << 20
 
 
 def _tune(sock: socket.socket) -> None:
@@ -45,7 +47,7 @@ def _host_view(v: Any) -> memoryview:
 @dataclass(eq=False)
 class _Arm:
     views: list[memoryview]
-    remaining: int
+    remaining: int  # bytes not yet received
     fut: asyncio.Future[None]
 
 
@@ -71,10 +73,17 @@ class TcpLink:
     async def send_runs(self, tid: str, tag_base: int, views: list[Any]) -> None:
         for i, v in enumerate(views):
             mv = _host_view(v)
-            head = Data(tid=tid, i=i, nbytes=mv.nbytes).to_msgpack()
-            async with self._wlock:
-                await self._sendall(_LEN.pack(len(head)) + head)
-                await self._sendall(mv)
+            for off in range(0, mv.nbytes, FRAME_BYTES):
+                chunk = mv[off:off + FRAME_BYTES]
+                head = Data(tid=tid, i=i, offset=off, nbytes=chunk.nbytes).to_msgpack()
+                # shielded: if the transfer is abandoned the frame still completes (the stream stays
+                # parseable for the next transfer) and the loop stops before the next one
+                await asyncio.shield(self._write_frame(_LEN.pack(len(head)) + head, chunk))
+
+    async def _write_frame(self, head: bytes, body: memoryview) -> None:
+        async with self._wlock:
+            await self._sendall(head)
+            await self._sendall(body)
 
     async def _sendall(self, data: Any) -> None:
         if self.dead.done():
@@ -92,7 +101,8 @@ class TcpLink:
         if self.dead.done():
             fut.set_exception(ConnectionError(f"link is down: {self.dead.result()}"))
             return fut
-        self._arms[tid] = _Arm([_host_view(v) for v in views], len(views), fut)
+        mvs = [_host_view(v) for v in views]
+        self._arms[tid] = _Arm(mvs, sum(m.nbytes for m in mvs), fut)
         return fut
 
     def disarm(self, tid: str) -> None:
@@ -135,23 +145,33 @@ class TcpLink:
 
     async def _on_data(self, msg: Data) -> None:
         arm = self._arms.get(msg.tid)
-        if arm is None or msg.i >= len(arm.views) or arm.views[msg.i].nbytes != msg.nbytes:
+        if arm is None or msg.i >= len(arm.views) or msg.offset + msg.nbytes > arm.views[msg.i].nbytes:
             if arm is not None:  # a sender that does not follow its own offer: fail the transfer
                 self.disarm(msg.tid)
                 arm.fut.set_exception(WireError(f"data frame {msg.i} of {msg.nbytes} bytes does not match the offer"))
-            scratch = memoryview(bytearray(min(msg.nbytes, _DRAIN_CHUNK)))
-            left = msg.nbytes
-            while left:  # late or unexpected bytes never touch KV memory
-                k = min(left, scratch.nbytes)
-                await self._recv_exact(scratch[:k])
-                left -= k
+            await self._drain(msg.nbytes)  # late or unexpected bytes never touch KV memory
             return
-        await self._recv_exact(arm.views[msg.i])
-        arm.remaining -= 1
-        if arm.remaining == 0:
+        view = arm.views[msg.i][msg.offset:msg.offset + msg.nbytes]
+        while view.nbytes:
+            if self._arms.get(msg.tid) is not arm:  # abandoned mid-frame: the rest goes to scratch
+                await self._drain(view.nbytes)
+                return
+            n = await self.loop.sock_recv_into(self.sock, view)
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            view = view[n:]
+        arm.remaining -= msg.nbytes
+        if arm.remaining <= 0:
             self._arms.pop(msg.tid, None)
             if not arm.fut.done():
                 arm.fut.set_result(None)
+
+    async def _drain(self, left: int) -> None:
+        scratch = memoryview(bytearray(min(left, _DRAIN_CHUNK)))
+        while left:
+            k = min(left, scratch.nbytes)
+            await self._recv_exact(scratch[:k])
+            left -= k
 
     def _kill(self, reason: str) -> None:
         if self.dead.done():

@@ -110,12 +110,13 @@ class UcxLink:
 
         def done(g: asyncio.Future[Any]) -> None:
             self._arms.pop(tid, None)
+            exc = None if g.cancelled() else g.exception()  # always retrieved
             if fut.done():
                 return
             if g.cancelled():
                 fut.cancel()
-            elif g.exception() is not None:
-                fut.set_exception(g.exception())
+            elif exc is not None:
+                fut.set_exception(exc)
             else:
                 fut.set_result(None)
 

@@ -146,11 +146,13 @@ class Fail(Wire):
 
 
 class Data(Wire):
-    """tcp only: header of run ``i`` of transfer ``tid``; ``nbytes`` raw bytes follow on the stream."""
+    """tcp only: header of bytes ``[offset, offset + nbytes)`` of run ``i`` of transfer ``tid``; the raw
+    bytes follow on the stream."""
 
     t: Literal["data"] = "data"
     tid: Ident
     i: NonNeg
+    offset: NonNeg = 0
     nbytes: Pos
 
 

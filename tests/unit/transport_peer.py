@@ -21,8 +21,12 @@ def make_regions(n_regions: int, num_blocks: int, block_shape: list[int], dtype:
     if seed is None:
         return [np.zeros(shape, dtype) for _ in range(n_regions)]
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, int(np.prod(shape)) * np.dtype(dtype).itemsize, dtype=np.uint8).view(dtype)
-            .reshape(shape) for _ in range(n_regions)]
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    out = []
+    for _ in range(n_regions):  # random up to 1 MiB, then tiled (big regions only need to be non-zero)
+        base = rng.integers(0, 256, min(nbytes, 1 << 20), dtype=np.uint8)
+        out.append(np.resize(base, nbytes).view(dtype).reshape(shape))
+    return out
 
 
 def _result(r: Any) -> dict[str, Any]:
