@@ -112,8 +112,10 @@ class BaselinePolicy:
         lease_id = f"B-{self._n:x}"
         pg, dg = self.engines[req.prefill].gpus, self.engines[req.decode].gpus
         grants = []
+        rate = 0.0  # bytes/s of all rank streams at their paths' bottlenecks (for the expected finish time)
         for rank, (s, d) in enumerate(zip(pg, dg, strict=False)):
             path = self._ecmp(s, d, f"{req.transfer_id}/{rank}")
+            rate += path.bottleneck_gbps * 1e9 / 8
             grants.append(PathGrant(rank=rank, path=path.name, links=list(path.links), src_nic=path.src_nic,
                                     dst_nic=path.dst_nic))
         klass: Klass = "reserved"
@@ -123,7 +125,7 @@ class BaselinePolicy:
             klass = "best_effort" if req.best_effort_ok and req.bytes < cfg.best_effort_max_bytes else "reserved"
             got = self.ledger.acquire(lease_id=lease_id, transfer_id=req.transfer_id, holder=req.prefill,
                                       decode=req.decode, nbytes=req.bytes, klass=klass, link_rates={}, now=now,
-                                      expected_seconds=0.0)
+                                      expected_seconds=req.bytes / rate if rate > 0 else 0.0)
             if isinstance(got, Denial):
                 return LeaseDenied(transfer_id=req.transfer_id, reason=got.reason[:500],
                                    retry_after=got.retry_after)

@@ -214,14 +214,22 @@ def generate(
 
 
 def synchronized(
-    n: int, *, prompt_tokens: int, output_tokens: int, at: float = 0.0, name: str = "synchronized"
+    n: int, *, prompt_tokens: int, output_tokens: int, at: float = 0.0, name: str = "synchronized",
+    waves: int = 1, interval_s: float = 10.0,
 ) -> Workload:
-    """`n` identical one-shot requests arriving at the same instant (prefills complete together: incast)."""
-    if n < 1:
-        raise WorkloadError(f"n must be >= 1, got {n}")
-    sessions = tuple(
-        Session(f"x{i}", (Turn(f"x{i}", None, 0, at, 0.0, 0, prompt_tokens, output_tokens),)) for i in range(n))
-    return Workload(name, sessions)
+    """`waves` waves of `n` identical one-shot requests; a wave's requests arrive at the same instant (so their
+    prefills complete together: the incast case), waves `interval_s` apart starting at `at`."""
+    if n < 1 or waves < 1:
+        raise WorkloadError(f"n and waves must be >= 1, got n={n}, waves={waves}")
+    if interval_s < 0:
+        raise WorkloadError(f"interval_s must be >= 0, got {interval_s}")
+    sessions = []
+    for w in range(waves):
+        t = at + w * interval_s
+        for i in range(n):
+            rid = f"x{i}" if waves == 1 else f"w{w}.x{i}"
+            sessions.append(Session(rid, (Turn(rid, None, 0, t, 0.0, 0, prompt_tokens, output_tokens),)))
+    return Workload(name, tuple(sessions))
 
 
 # ---- traces ------------------------------------------------------------------------------------------------
