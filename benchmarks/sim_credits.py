@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                       "multi_turn": False, "seed": args.seed}
             results = [simulate(topo, policy, workload=wl, credits=credits, config=cfg, policy_config=pcfg, **kw)
                        for policy in ("kvlane", "least-loaded", "random") for credits in (True, False)]
-            title = f"credits on/off, {scenario}: {label} [{spec}], {desc}, max_streams {args.max_streams}"
+            title = f"credits on/off, {scenario}: {label} ({spec}), {desc}, max_streams {args.max_streams}"
             extra = {"denials": [str(r.summary["lease_denials"]) for r in results],
                      "lease wait p99 s": [f"{r.summary['lease_wait_p99_s']:.3f}" for r in results]}
             console.print(render_table(results, title=title, extra=extra))

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 tk = by["kvlane"]["ttft_p99_s"] if "kvlane" in by else math.nan
                 extra = {"p99 xfer ÷ kvlane": [ratio(k, r.summary["kv_transfer_p99_s"]) for r in results],
                          "TTFT p99 ÷ kvlane": [ratio(tk, r.summary["ttft_p99_s"]) for r in results]}
-                title = (f"{label} [{spec}]: {args.workload} {mode}, load {load:.0%}, {requests} requests, "
+                title = (f"{label} ({spec}): {args.workload} {mode}, load {load:.0%}, {requests} requests, "
                          f"seed {args.seed}, link scale {args.link_scale:g}")
                 if not args.quiet:
                     console.print(render_table(results, title=title, extra=extra))
