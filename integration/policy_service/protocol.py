@@ -38,6 +38,8 @@ MAX_FRAME_CEILING = MAX_MESSAGE_BYTES
 #: Encoded size limits of the opaque blobs the service stores for others.
 MAX_ANNOUNCE_PAYLOAD = 64 * 1024
 MAX_RANK_DESCRIPTOR = 64 * 1024
+#: Deepest nesting of lists/maps inside an announce payload (receivers must be able to walk it recursively).
+MAX_PAYLOAD_DEPTH = 32
 #: Longest a single await_announce may block on the server.
 MAX_AWAIT_SECONDS = 600.0
 #: TP ranks per engine (EngineInfo.gpus allows at most 64).
@@ -165,10 +167,15 @@ async def read_frame(reader: asyncio.StreamReader, max_frame: int, body_timeout:
         raise FrameTimeout(f"frame of {length} bytes not complete within {body_timeout:g} s") from None
 
 
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not part of the protocol")
+
+
 def decode_body(data: bytes, max_frame: int) -> Any:
-    """msgpack -> Python objects (str keys only, bytes stay bytes). Raises BadRequest on garbage."""
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)  # len(data) <= max_frame already
+    """msgpack -> Python objects (str keys only, bytes stay bytes, no ext types except the standard timestamp).
+    Raises BadRequest on garbage."""
+    try:  # len(data) <= max_frame already
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types for garbage
         raise BadRequest(f"frame is not valid msgpack ({exc.__class__.__name__}: {exc})") from None
 
@@ -307,9 +314,31 @@ class ReleaseLeaseBody(BinModel):
     outcome: TransferOutcome | None = None
 
 
+def nesting_depth(obj: Any, limit: int) -> int:
+    """Depth of nested lists/tuples/maps in `obj` (a scalar is 0), walked without recursion; stops counting
+    once past `limit` (returns limit + 1)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            depth += 1
+            if depth > limit:
+                return limit + 1
+            deepest = max(deepest, depth)
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 class AnnounceBody(BinModel):
     transfer_id: Name
     payload: dict[StrictStr, Any]
+
+    @model_validator(mode="after")
+    def _shallow(self) -> AnnounceBody:
+        if nesting_depth(self.payload, MAX_PAYLOAD_DEPTH) > MAX_PAYLOAD_DEPTH:
+            raise ValueError(f"payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        return self
 
 
 class AwaitAnnounceBody(WireModel):

@@ -190,6 +190,10 @@ class _Connection:
             self.service.metrics.errors.labels(code=exc.code).inc()
             msg = f"reply too large: {exc} (a snapshot shrinks with max_paths / hottest)"
             frame = P.encode_frame(P.error_reply(obj.get("id", 0), exc.code, msg))
+        except (ValueError, TypeError, OverflowError) as exc:  # a reply msgpack cannot encode: a bug, not a crash
+            log.error("reply %r to %s not encodable: %s", str(obj)[:200], self.peer, exc)
+            self.service.metrics.errors.labels(code="internal").inc()
+            frame = P.encode_frame(P.error_reply(obj.get("id", 0), "internal", f"reply not encodable: {exc}"))
         async with self.write_lock:
             self.writer.write(frame)
             await self.writer.drain()
