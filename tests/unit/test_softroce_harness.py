@@ -3,15 +3,18 @@ the verbs-UCX symlink prefix, the CLI's --env parsing."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
 import typer
 from kvlane.integration.cli.softroce import _parse_env
 from kvlane.integration.softroce import guest, in_guest
-from kvlane.integration.softroce.prepare import _unpacked_kernel
+from kvlane.integration.softroce.prepare import Kernel, Prepared, _unpacked_kernel
 from kvlane.integration.softroce.ucx_verbs import VerbsUcxError, ensure_verbs_ucx
+from kvlane.integration.softroce.vm import run_in_guest
 
 
 def test_boot_script_creates_both_rxe_devices_then_runs_the_command_in_the_repo(tmp_path: Path) -> None:
@@ -92,3 +95,34 @@ def test_cli_env_pairs() -> None:
     assert _parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
     with pytest.raises(typer.BadParameter, match="KEY=VALUE"):
         _parse_env(["A"])
+
+
+def _fake_vng(tmp_path: Path, body: str) -> Prepared:
+    """A stand-in for vng that only plays the guest's part of the protocol (markers, <log>/rc)."""
+    vng = tmp_path / "vng"
+    vng.write_text("#!/bin/sh\n"
+                   'while [ "$1" != "--rwdir" ]; do shift; done; log="$2"\n' + body)
+    vng.chmod(0o755)
+    kernel = Kernel(package="linux-image-x", version="x", root=tmp_path)
+    return Prepared(kernel=kernel, vng=vng, venv_bin=tmp_path, verbs_ucx=None)
+
+
+def test_run_returns_the_guest_exit_code_and_keeps_logs(tmp_path: Path) -> None:
+    prep = _fake_vng(tmp_path, f'echo "{guest.READY_MARK} uptime=1"; echo "{guest.SETUP_MARK} uptime=2"\n'
+                               'echo "hello from guest"; echo 3 > "$log/rc"\n')
+    res = run_in_guest(["false"], prep=prep, repo=tmp_path, log_dir=tmp_path / "logs", echo=None, timeout=60)
+    assert res.exit_code == 3
+    assert res.boot_seconds is not None and res.setup_seconds is not None
+    assert "hello from guest" in (res.log_dir / "console.log").read_text()
+    assert "export KVLANE_SOFTROCE_GUEST=1" in (res.log_dir / "boot.sh").read_text()
+    assert json.loads((res.log_dir / "timing.json").read_text())["exit_code"] == 3
+
+
+def test_run_without_a_result_is_125_and_a_hung_vm_is_killed_with_124(tmp_path: Path) -> None:
+    res = run_in_guest(["true"], prep=_fake_vng(tmp_path, "exit 0\n"), repo=tmp_path, log_dir=tmp_path / "a",
+                       echo=None)
+    assert res.exit_code == 125 and res.boot_seconds is None
+    t0 = time.monotonic()
+    res = run_in_guest(["true"], prep=_fake_vng(tmp_path, "sleep 30 & sleep 30\n"), repo=tmp_path,
+                       log_dir=tmp_path / "b", echo=None, timeout=1.0)
+    assert res.exit_code == 124 and time.monotonic() - t0 < 15
