@@ -374,16 +374,21 @@ class KVTransport:
 
     async def _open(self, path: str, desc: Descriptor) -> Link:
         q = self._waiters.setdefault(f"hello:{path}:{desc.key}", asyncio.Queue())
+        link = None
         try:
             link = await asyncio.wait_for(
                 self._backends[path].open(desc.key, desc.paths[path], Hello(descriptor=self.descriptor())),
                 self.config.connect_timeout_s)
             reply = await _next(q, link, self.config.connect_timeout_s)
-        except TimeoutError:
-            raise PeerError(f"handshake with {desc.key} on path {path!r} timed out after "
-                            f"{self.config.connect_timeout_s}s") from None
-        except OSError as exc:
-            raise PeerError(f"cannot reach {desc.key} on path {path!r}: {exc}") from None
+        except BaseException as exc:
+            if link is not None:
+                link.close()
+            if isinstance(exc, TimeoutError):
+                raise PeerError(f"handshake with {desc.key} on path {path!r} timed out after "
+                                f"{self.config.connect_timeout_s}s") from None
+            if isinstance(exc, OSError):
+                raise PeerError(f"cannot reach {desc.key} on path {path!r}: {exc}") from None
+            raise
         finally:
             self._waiters.pop(f"hello:{path}:{desc.key}", None)
         if isinstance(reply, HelloErr):

@@ -111,6 +111,12 @@ def peer_ranks(p_tp: int, d_tp: int, total_kv_heads: int, *, p_rank: int | None 
     return {r.p_rank for r in routes if r.d_rank == d_rank}
 
 
+def route_transfer_id(request_id: str, route: HeadRoute) -> str:
+    """Transfer id of one route of a request. Transfer ids are unique per receiving rank and per
+    sending rank, and with heterogeneous TP one request fans out (or in) over several rank pairs."""
+    return f"{request_id}.p{route.p_rank}d{route.d_rank}"
+
+
 def route_segment(route: HeadRoute, p_shape: BlockShape, d_shape: BlockShape) -> tuple[int, int, int]:
     """(src offset in a P block, dst offset in a D block, nbytes) of one route inside one block."""
     if (p_shape.block_size, p_shape.head_size, p_shape.itemsize) != (d_shape.block_size, d_shape.head_size,

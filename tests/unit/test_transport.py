@@ -298,3 +298,20 @@ def test_receiver_deadline_mid_data_tells_sender_and_pair_stays_usable(pair: Any
         assert d.call(op="result", tid="slow-2")["ok"]
     finally:
         p.register_regions(small)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_connect_to_a_gone_peer_fails_within_the_connect_deadline(backend: str) -> None:
+    from kvlane.transport import PeerError
+
+    cfg = TransportConfig.model_validate(config(backend, connect_timeout_s=1.0))
+    gone = KVTransport("D", 0, cfg)
+    gone.register_regions(make_regions(2, D_BLOCKS, BLOCK, "float16", seed=None))
+    desc = gone.descriptor()
+    gone.close()
+    with KVTransport("P", 0, cfg) as p:
+        p.register_regions(make_regions(2, P_BLOCKS, BLOCK, "float16", seed=None))
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match="cannot reach D/rank0|timed out after 1.0s|broke"):
+            p.connect(desc)
+        assert time.monotonic() - t0 < 3.0

@@ -108,3 +108,10 @@ def test_all_small_tp_pairs_cover_every_head_once() -> None:
         assert got == list(range(heads))
         src = sorted((r.p_rank * (heads // p_tp) + r.p_head + k) for r in routes for k in range(r.n_heads))
         assert src == list(range(heads))
+
+
+def test_route_transfer_ids_are_distinct_per_rank_pair() -> None:
+    from kvlane.transport.ranks import route_transfer_id
+
+    ids = {route_transfer_id("req-7", r) for r in head_routes(4, 2, 8)}
+    assert ids == {"req-7.p0d0", "req-7.p1d0", "req-7.p2d1", "req-7.p3d1"}
