@@ -49,9 +49,10 @@ def policy_address(addr: str) -> tuple[str, int]:
 
 
 class KVLaneParams(BaseModel):
-    """The `kv_transfer_params` object the router attaches to both halves of one request."""
+    """The `kv_transfer_params` object the router attaches to both halves of one request. Every kvlane field
+    is checked strictly; other keys (a client's own params, which the router passes through) are ignored."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     kvlane: Literal[1]
     transfer_id: Name

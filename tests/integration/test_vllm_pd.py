@@ -1,6 +1,7 @@
 """Real vLLM (CPU) prefill/decode through KVLaneConnector: token-exact output against a single engine,
 a negative control (corrupted KV changes the output), sticky-session deltas (only the blocks D lacks are
-pushed, byte-exact), and a decode engine killed mid-request (clear error, no lease left behind).
+pushed, byte-exact), the router in front, a decode whose prefill never comes (error at the deadline, no
+hang) and a decode engine killed mid-request (clear error, no lease left behind).
 
 Engines start once for the module: P (core 0), a second P with `fault_injection.corrupt_kv` (core 0), and D
 (core 1), all against one `kvlane policy serve --topology loopback:gpus=3`. The single-engine reference is
@@ -27,7 +28,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvlane.integration.launch import free_port, start_policy_service, start_vllm_engine  # noqa: E402
+from kvlane.integration.launch import free_port, start_policy_service, start_router, start_vllm_engine  # noqa: E402
 from kvlane.integration.policy_service.client import SyncPolicyClient  # noqa: E402
 from kvlane.integration.tiny_model import build_tiny_llama, default_cache_dir  # noqa: E402
 
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.vllm
 
 MODEL = "tiny"
 BLOCK = 32
+RECV_TIMEOUT = 20.0  # D's wait for a push; P pushes within milliseconds of its prefill here
 
 
 def _post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
@@ -48,8 +50,9 @@ def _post(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, A
 
 
 class Deployment:
-    def __init__(self, model: Path, policy_addr: str, engines: dict[str, Any]):
+    def __init__(self, model: Path, policy_addr: str, engines: dict[str, Any], logs: Path):
         self.model = model
+        self.logs = logs
         self.policy = policy_addr
         self.engines = engines
 
@@ -103,7 +106,7 @@ def deployment():
     model = build_tiny_llama(default_cache_dir() / "tiny-llama-test")
     pol = start_policy_service("loopback:gpus=3", free_port(), log_file=logs / "policy.log")
     engines: dict[str, Any] = {}
-    common = {"recv_timeout_s": 90.0, "announce_timeout_s": 30.0}
+    common = {"recv_timeout_s": RECV_TIMEOUT, "announce_timeout_s": 30.0}
     try:
         for name, role, core, gpu, extra in (
             ("p0", "prefill", 0, "n0.g0", {}),
@@ -118,7 +121,7 @@ def deployment():
             )
         for e in engines.values():
             e.wait_healthy(600)
-        yield Deployment(model, pol.addr, engines)
+        yield Deployment(model, pol.addr, engines, logs)
     finally:
         for e in engines.values():
             e.stop()
@@ -178,6 +181,31 @@ def test_negative_control_corrupted_kv_changes_output(deployment):
     assert bad["choices"][0]["text"] != ref_bad  # ...but D decoded from flipped bytes
 
 
+def test_through_the_router(deployment):
+    """The router picks the pair (the policy knows p0 and d0 once the corrupting P is gone) and sends both
+    halves; the client gets D's answer, token-exact, with the transfer's receipt."""
+    client = SyncPolicyClient(deployment.policy, timeout=10.0)
+    try:
+        assert client.remove_engine("pbad")
+    finally:
+        client.close()
+    deployment.engines["pbad"].stop()
+    router = start_router(deployment.policy, free_port(), log_file=deployment.logs / "router.log")
+    try:
+        prompt = _prompt(70, seed=31)
+        req = urllib.request.Request(router.url + "/v1/completions", data=json.dumps(
+            {"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            pair = r.headers["x-kvlane-pair"]
+            out = json.loads(r.read())
+        assert "p0" in pair and "d0" in pair, pair
+        assert out["kv_transfer_params"]["status"] == "done", out.get("kv_transfer_params")
+        assert out["choices"][0]["text"] == deployment.reference(prompt, 16)["choices"][0]["text"]
+    finally:
+        router.stop()
+
+
 def test_sticky_second_turn_pushes_only_the_delta(deployment):
     bb = _block_bytes(deployment.model)
     turn1 = _tokens(deployment, _prompt(60, seed=7))
@@ -194,6 +222,22 @@ def test_sticky_second_turn_pushes_only_the_delta(deployment):
     new_blocks = -(-len(turn2) // BLOCK) - held
     assert new_blocks > 0 and got["received_bytes"] == new_blocks * bb
     assert d2["choices"][0]["text"] == deployment.reference(turn2, 16)["choices"][0]["text"]
+
+
+def test_decode_without_its_prefill_fails_cleanly_at_the_deadline(deployment):
+    """No P ever pushes: D's armed blocks expire after recv_timeout_s, vLLM's kv_load_failure_policy
+    (default "fail") ends the request with an error instead of a hang, and D keeps serving."""
+    d = deployment
+    params = d.params("p0", "d0")
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="HTTP 500"):
+        _post(d.url("d0"), {"model": MODEL, "prompt": _prompt(30, seed=3), "max_tokens": 4, "temperature": 0,
+                            "kv_transfer_params": {**params, "role": "decode"}})
+    waited = time.monotonic() - t0
+    assert RECV_TIMEOUT - 1 <= waited < RECV_TIMEOUT + 30, waited
+    prompt = _prompt(30, seed=4)
+    _, out = d.pd(prompt, 8)
+    assert out["choices"][0]["text"] == d.reference(prompt, 8)["choices"][0]["text"]
 
 
 def test_killed_decode_engine_clear_error_and_no_leaked_lease(deployment):

@@ -33,12 +33,13 @@ def test_params_valid_and_not_ours():
     assert p is not None and p.decode == "d0" and p.role == "decode"
     assert parse_params(None) is None
     assert parse_params({"do_remote_prefill": True}) is None  # another connector's params: not ours
+    assert parse_params({**GOOD, "client_key": 1}) == p  # a client's own keys ride along, unchecked
 
 
 @pytest.mark.parametrize(
     "change, field",
     [({"transfer_id": "has space"}, "transfer_id"), ({"policy": "http://x:1"}, "policy"),
-     ({"role": "both"}, "role"), ({"kvlane": 2}, "kvlane"), ({"extra": 1}, "extra"), ({"decode": ""}, "decode")],
+     ({"role": "both"}, "role"), ({"kvlane": 2}, "kvlane"), ({"decode": ""}, "decode"), ({"session_id": 5}, "session_id")],
 )
 def test_params_malformed_name_the_field(change, field):
     with pytest.raises(ParamsError, match=field):
