@@ -46,7 +46,7 @@ def _raw_ctx(loop: asyncio.AbstractEventLoop) -> Any:
     from ucxx._lib_async import ApplicationContext
 
     async def make() -> Any:
-        return ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode="blocking")
+        return ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode=os.environ.get("RAW_MODE", "blocking"))
 
     return asyncio.run_coroutine_threadsafe(make(), loop).result(60)
 
@@ -123,7 +123,7 @@ def bench_kvlane(backend: str, path: str, sizes: list[int], reps: int, scattered
     from transport_peer import Peer
 
     paths = {"tcp": {}} if backend == "tcp" else {path: _default_paths()[path].model_dump()}
-    cfg = {"backend": backend, "paths": paths}
+    cfg = {"backend": backend, "paths": paths, "ucx_progress_mode": os.environ.get("RAW_MODE", "blocking")}
     nblocks = max(sizes) // BLOCK_BYTES
     shape = BlockShape(8, 16, 128, 2)
     peer = Peer()
@@ -174,14 +174,23 @@ def bench_memcpy(sizes: list[int], reps: int) -> dict[int, list[float]]:
     return out
 
 
+def label(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // 1024} KiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--reps", type=int, default=5)
     ap.add_argument("--gib", action="store_true", help="add a 1 GiB size")
-    ap.add_argument("--sizes", type=str, default="1,16,256", help="MiB, comma separated")
+    ap.add_argument("--sizes", type=str, default="0.0625,1,16,256", help="MiB, comma separated (0.0625 = one block)")
+    ap.add_argument("--ucx-progress", choices=["blocking", "thread"], default="blocking",
+                    help="ucxx progress mode for raw ucxx and kvlane ucx (default blocking)")
     ap.add_argument("--skip", type=str, default="", help="comma separated columns to skip")
     args = ap.parse_args()
-    sizes = [int(s) * MiB for s in args.sizes.split(",")] + ([1024 * MiB] if args.gib else [])
+    os.environ["RAW_MODE"] = args.ucx_progress  # read by both processes of each run
+    sizes = [int(float(s) * MiB) for s in args.sizes.split(",")] + ([1024 * MiB] if args.gib else [])
+    if any(n % BLOCK_BYTES for n in sizes):
+        ap.error(f"sizes must be multiples of one {BLOCK_BYTES // 1024} KiB block")
     skip = set(filter(None, args.skip.split(",")))
     try:
         import ucxx  # noqa: F401
@@ -213,11 +222,16 @@ def main() -> None:
 
     names = list(cols)
     print(f"\nGB/s, median of {args.reps} runs (host memory, loopback, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.1f})\n")
+          f"load {os.getloadavg()[0]:.1f}, ucxx progress {args.ucx_progress})\n")
     print("| size | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for n in sizes:
-        print(f"| {n // MiB} MiB | " + " | ".join(f"{gbps(c, n):.2f}" for c in names) + " |")
+        print(f"| {label(n)} | " + " | ".join(f"{gbps(c, n):.2f}" for c in names) + " |")
+    print("\nmilliseconds per transfer (median)\n")
+    print("| size | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for n in sizes:
+        print(f"| {label(n)} | " + " | ".join(f"{statistics.median(cols[c][n]) * 1e3:.2f}" for c in names) + " |")
     ratios = [("kvlane ucx shm", "raw ucxx shm"), ("kvlane ucx shm", "memcpy"), ("kvlane tcp", "raw ucxx shm"),
               ("kvlane ucx shm", "kvlane tcp"), ("kvlane ucx shm scattered", "kvlane ucx shm")]
     ratios = [(a, b) for a, b in ratios if a in cols and b in cols]
@@ -225,7 +239,7 @@ def main() -> None:
         print("\n| size | " + " | ".join(f"{a} / {b}" for a, b in ratios) + " |")
         print("|---|" + "---|" * len(ratios))
         for n in sizes:
-            print(f"| {n // MiB} MiB | " + " | ".join(f"{gbps(a, n) / gbps(b, n):.2f}" for a, b in ratios) + " |")
+            print(f"| {label(n)} | " + " | ".join(f"{gbps(a, n) / gbps(b, n):.2f}" for a, b in ratios) + " |")
 
 
 if __name__ == "__main__":

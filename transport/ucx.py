@@ -39,7 +39,7 @@ import ucxx  # noqa: E402,F401  (sets UCX env defaults at import; must follow ou
 import ucxx._lib.libucxx as ucx_api  # noqa: E402
 from ucxx._lib_async import ApplicationContext  # noqa: E402
 from ucxx._lib_async.application_context import ProgressTasks  # noqa: E402
-from ucxx._lib_async.continuous_ucx_progress import BlockingMode  # noqa: E402
+from ucxx._lib_async.continuous_ucx_progress import BlockingMode, ThreadMode  # noqa: E402
 from ucxx.types import Tag  # noqa: E402
 
 log = logging.getLogger("kvlane.transport.ucx")
@@ -171,11 +171,12 @@ class UcxBackend:
     async def start(self) -> PathAddress:
         loop = asyncio.get_running_loop()
         options = {**self.core.config.ucx_defaults, **self.cfg.ucx}
-        self.ctx = ApplicationContext(config_dict=options, progress_mode="blocking")
+        mode = self.core.config.ucx_progress_mode
+        self.ctx = ApplicationContext(config_dict=options, progress_mode=mode)
         task = ProgressTasks.get(loop)
         if task is None or task.worker is not self.ctx.worker:
             # ucxx keeps one progress task per event loop; a second path on the same loop needs its own.
-            task = BlockingMode(self.ctx.worker, loop)
+            task = BlockingMode(self.ctx.worker, loop) if mode == "blocking" else ThreadMode(self.ctx.worker, loop)
         self._progress = task  # strong ref: ucxx clears its global table when any context dies
         self._ctrl = asyncio.ensure_future(self._ctrl_loop())
         return PathAddress(ucx_address=bytes(self.ctx.worker_address.tobytes()))
