@@ -238,14 +238,18 @@ class _Connection:
                 req_id = raw_id if isinstance(raw_id, int) and 0 < raw_id < (1 << 63) else 0
                 await self.fail(req_id, exc)
                 if secret is not None:
+                    log.warning("refused %s: unauthenticated malformed frame (%s); closing", self.peer, exc)
                     return  # an unauthenticated peer does not get to keep sending junk
                 continue
             if secret is not None:
                 if not P.verify_mac(secret, self.nonce, env):
                     why = "missing" if env.auth is None else "wrong"
+                    log.warning("refused %s: %s MAC on request %d (op %.64r); closing", self.peer, why, env.id, env.op)
                     await self.fail(env.id, P.AuthFailed(f"{why} request MAC; closing the connection"))
                     return
                 if env.id <= self.last_id:
+                    log.warning("refused %s: request id %d not above %d (replay?); closing", self.peer, env.id,
+                                self.last_id)
                     await self.fail(
                         env.id, P.AuthFailed(f"request id {env.id} not above {self.last_id} (replay?); closing")
                     )

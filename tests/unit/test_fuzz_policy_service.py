@@ -10,16 +10,15 @@ import asyncio
 import logging
 import socket
 import struct
-import threading
 from typing import Any
 
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvlane.integration.policy_service import OPS, EmbeddedPolicy, PolicyServer, PolicyService
+from kvlane.integration.policy_service import OPS, EmbeddedPolicy
 from kvlane.policy.types import LeaseGrant
-from policy_raw import ENGINES, FakeClock, lease_req, make_policy
+from policy_raw import ENGINES, FakeClock, Sock, ThreadedServer, lease_req, make_policy
 
 #: Error codes a bad request may get. `internal` (a server bug) is not among them.
 CLIENT_ERRORS = {"bad_request", "unknown_op", "unknown_engine", "no_pair", "invalid_request", "payload_too_large",
@@ -40,78 +39,9 @@ class _Problems(logging.Handler):
         self.records.append(record)
 
 
-class ThreadedServer:
-    """A policy server on its own event-loop thread, so plain blocking sockets (and hypothesis) can drive it."""
-
-    def __init__(self, secret: bytes | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.unhandled: list[dict[str, Any]] = []
-        self.loop.set_exception_handler(lambda _loop, ctx: self.unhandled.append(ctx))
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.service = PolicyService(make_policy(), sweep_interval=0.05)
-        for info in ENGINES:
-            self.service.policy.register_engine(info, 0.0)
-        self.server = PolicyServer(self.service, "127.0.0.1", 0, secret=secret, max_frame=MAX_FRAME,
-                                   frame_timeout=0.5)
-        self.run(self.server.start())
-        self.port = self.server.port
-
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(15)
-
-    def close(self) -> None:
-        self.run(self.server.close())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-        self.loop.close()
-
-
-class Sock:
-    """A blocking client connection speaking raw frames."""
-
-    def __init__(self, port: int) -> None:
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=5.0)
-        self.hello = self.recv()["hello"]
-
-    def _exact(self, n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = self.s.recv(n - len(buf))
-            if not chunk:
-                raise EOFError
-            buf += chunk
-        return buf
-
-    def recv(self) -> dict[str, Any]:
-        (length,) = struct.unpack(">I", self._exact(4))
-        return msgpack.unpackb(self._exact(length), raw=False)
-
-    def send_body(self, body: bytes) -> None:
-        self.s.sendall(struct.pack(">I", len(body)) + body)
-
-    def send(self, obj: Any) -> None:
-        self.send_body(msgpack.packb(obj, use_bin_type=True))
-
-    def reply_or_eof(self) -> dict[str, Any] | None:
-        try:
-            return self.recv()
-        except (EOFError, ConnectionError):
-            return None
-
-    def eof(self) -> bool:
-        try:
-            return self.s.recv(1) == b""
-        except ConnectionError:
-            return True
-
-    def close(self) -> None:
-        self.s.close()
-
-
 @pytest.fixture(scope="module")
 def srv():
-    server = ThreadedServer()
+    server = ThreadedServer(max_frame=MAX_FRAME)
     problems = _Problems()
     for name in ("kvlane.policy_service", "asyncio"):
         logging.getLogger(name).addHandler(problems)
