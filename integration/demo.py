@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .launch import (
     EngineProcess,
@@ -45,8 +45,11 @@ class DemoOptions:
     #: Logs of every child process; a fresh temporary directory when None.
     log_dir: Path | None = None
     max_tokens: int = 24
-    #: Run a single engine first and compare the P/D answers with its greedy output token for token.
-    reference: bool = True
+    #: The single-engine greedy output the P/D answers are compared with, token for token:
+    #: "prefill" = the prefill engine itself, called directly without kv_transfer_params after the routed
+    #: requests (no extra engine start); "separate" = a plain engine (no connector) run before the cluster;
+    #: "none" = no comparison.
+    reference: Literal["prefill", "separate", "none"] = "prefill"
     #: Engines without connector (the demo registers them with the policy itself): checks the plumbing
     #: (policy, router, fan-out) when KVLaneConnector is not available; D then recomputes the prompt.
     plain: bool = False
@@ -128,8 +131,9 @@ def _script(max_tokens: int) -> list[tuple[str, str, dict[str, Any], dict[str, s
     common = {"model": MODEL_NAME, "max_tokens": max_tokens, "temperature": 0.0, "return_token_ids": True}
     return [
         ("completion", "/v1/completions", {**common, "prompt": "The quick brown fox"}, {}),
-        ("completion (longer prompt)", "/v1/completions",
-         {**common, "prompt": "Tell me a story about a small robot who learned to paint. " * 8}, {}),
+        # ~1200 tokens: ~1.2 MB of fp32 KV, enough for the policy to count a bandwidth sample for the path
+        ("completion (long prompt)", "/v1/completions",
+         {**common, "prompt": "Tell me a story about a small robot who learned to paint. " * 90}, {}),
         ("session turn 1", "/v1/chat/completions",
          {**common, "messages": [{"role": "user", "content": "Hello, how are you today?"}]},
          {"x-session-id": SESSION}),
@@ -235,7 +239,9 @@ def run_pd_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
     model = build_tiny_llama(Path(opts.cache_dir) / "tiny-llama-s0")
     say(f"model: {model} (random-weight Llama, fp32, offline tokenizer)")
     with _sigterm_as_interrupt():
-        reference = _reference(model, opts, log_dir, say) if opts.reference else None
+        if opts.reference not in ("prefill", "separate", "none"):
+            raise ValueError(f"reference={opts.reference!r}: expected prefill, separate or none")
+        reference = _reference(model, opts, log_dir, say) if opts.reference == "separate" else None
         with ProcessSet() as procs:
             policy = procs.add(start_policy_service(TOPOLOGY, free_port(), log_file=log_dir / "policy.log"))
             addr = policy.addr  # type: ignore[attr-defined]
@@ -265,10 +271,16 @@ def run_pd_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
             say(f"router: {router.url}")  # type: ignore[attr-defined]
             say(f"requests through the router (greedy, max_tokens={opts.max_tokens}):")
             answers = run_requests(router.url, opts.max_tokens, opts.request_timeout, say)  # type: ignore[attr-defined]
+            if opts.reference == "prefill":
+                p_engine = engines[0]
+                say(f"reference: the same requests sent directly to {p_engine.engine_id} as one plain engine "
+                    "(no kv_transfer_params, so its connector stays out of the way):")
+                reference = run_requests(p_engine.url, opts.max_tokens, opts.request_timeout, say)
             from .policy_service import SyncPolicyClient
 
             with SyncPolicyClient(addr, timeout=5.0) as client:
                 snapshot = client.snapshot()
+            (log_dir / "policy-snapshot.json").write_text(json.dumps(snapshot, indent=1, sort_keys=True, default=str))
             _print_snapshot(snapshot, say)
     result = DemoResult(answers, reference, snapshot, log_dir)
     _print_comparison(result, say)
@@ -286,16 +298,18 @@ def _print_snapshot(snap: dict[str, Any], say: Callable[[str], None]) -> None:
             f"queue={e.get('queue_depth')} streams_in={e.get('streams_in')}")
     say(f"  active leases: {len(snap.get('leases', []))}; sessions: {snap.get('sessions')}")
     for p in snap.get("paths", []):
-        if p.get("samples"):
-            say(f"  path {p.get('path')}: {p.get('samples')} transfers, estimate {p.get('gbps', 0):.3g} Gb/s "
-                f"(static {p.get('static_gbps', 0):.3g}), latency {p.get('latency_s', 0) * 1e3:.2f} ms, "
-                f"failures {p.get('failures')}")
+        if p.get("latency_s") is None and not p.get("failures"):
+            continue
+        measured = "measured" if p.get("measured") else "static (no transfer >= 1 MiB yet)"
+        say(f"  path {p.get('path')} {'/'.join(p.get('links', []))}: bandwidth estimate {p.get('gbps', 0):.3g} Gb/s "
+            f"({measured}, {p.get('samples')} samples; static {p.get('static_gbps', 0):.3g}), "
+            f"latency EWMA {p.get('latency_s') or 0:.4f} s, failures {p.get('failures')}")
 
 
 def _print_comparison(result: DemoResult, say: Callable[[str], None]) -> None:
     matches = result.matches()
     if matches is None:
-        say("no single-engine reference (--no-reference).")
+        say("no single-engine reference (--reference none).")
         return
     say("comparison with the single engine's greedy output:")
     for ans, ref, ok in zip(result.answers, result.reference or [], matches, strict=True):

@@ -17,8 +17,10 @@ def pd(
                                           "(default $KVLANE_CACHE or ~/.cache/kvlane)."),
     log_dir: str | None = typer.Option(None, "--log-dir", help="Logs of every process (default: a new temp dir)."),
     max_tokens: int = typer.Option(24, "--max-tokens", min=1, max=512, help="Tokens generated per request."),
-    reference: bool = typer.Option(True, "--reference/--no-reference",
-                                   help="Compare with a single engine's greedy output (one more engine start)."),
+    reference: str = typer.Option(
+        "prefill", "--reference",
+        help="Single-engine greedy output to compare with: 'prefill' (the P engine called directly), "
+             "'separate' (an extra plain engine started first) or 'none'."),
     plain: bool = typer.Option(False, "--plain", help="Engines without KVLaneConnector (plumbing check only)."),
     startup_timeout: float = typer.Option(600.0, "--startup-timeout", min=10.0, help="Seconds an engine may take to start."),
 ) -> None:
@@ -27,8 +29,10 @@ def pd(
     from kvlane.integration.demo import DemoOptions, run_pd_demo
     from kvlane.integration.launch import ProcessDied, StartTimeout
 
+    if reference not in ("prefill", "separate", "none"):
+        raise typer.BadParameter(f"{reference!r}: expected prefill, separate or none", param_hint="--reference")
     logging.basicConfig(level=logging.WARNING)
-    opts = DemoOptions(log_dir=Path(log_dir) if log_dir else None, max_tokens=max_tokens, reference=reference, plain=plain,
+    opts = DemoOptions(log_dir=Path(log_dir) if log_dir else None, max_tokens=max_tokens, reference=reference, plain=plain,  # type: ignore[arg-type]
                        startup_timeout=startup_timeout)
     if cache_dir is not None:
         opts.cache_dir = Path(cache_dir)
