@@ -76,7 +76,7 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
     return []
 
 
-_TOPO = typer.Option("fattree:k=8,oversub=4,gpus_per_node=4", "--topology", "-t",
+_TOPO = typer.Option("fattree:k=8,oversub=4,gpus_per_node=2,tiles=3:2", "--topology", "-t",
                      help="Generator spec (zcube:n=..,k=.., fattree:k=..,oversub=.., roft:..., railfly:..., "
                           "railfabric:..., loopback:gpus=N) or a YAML file.")
 _WL = typer.Option("coding-agent", "--workload", "-w", help=f"Profile: {', '.join(PROFILES)}.")
