@@ -3,6 +3,8 @@
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvlane.policy.sim.network import FlowNetwork, NetworkError
 
 
@@ -119,3 +121,33 @@ def test_many_flows_finish_even_at_large_clock_values():
     done = run_to_end(net)
     assert len(done) == 20
     assert max(done.values()) == pytest.approx(1e6 + sum(3e8 + i * 7.77 for i in range(20)) / 1e10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    caps=st.lists(st.floats(min_value=1.0, max_value=100.0), min_size=1, max_size=6),
+    flows=st.lists(st.tuples(st.sets(st.integers(min_value=0, max_value=5), min_size=1, max_size=4),
+                             st.one_of(st.just(math.inf), st.floats(min_value=0.5, max_value=50.0))),
+                   min_size=1, max_size=12),
+)
+def test_water_filling_is_feasible_and_max_min_fair(caps, flows):
+    """Any network: no link over capacity, and every flow is either at its cap or has a bottleneck — a
+    saturated link on which no other flow gets more (the definition of max-min fairness)."""
+    net = FlowNetwork()
+    for i, c in enumerate(caps):
+        net.add_link(i, c)
+    for j, (links, cap) in enumerate(flows):
+        path = sorted(x for x in links if x < len(caps)) or [0]
+        net.add_flow(j, path, 1e9, 0.0, cap=cap)
+    net.recompute()
+    for i, c in enumerate(caps):
+        assert net.link_rate(i) <= c * (1 + 1e-9)
+    for f in net.flows.values():
+        assert f.rate > 0
+        if f.rate >= f.cap * (1 - 1e-9):
+            continue
+        assert any(
+            net.link_rate(k) >= net.links[k].capacity * (1 - 1e-9)
+            and all(net.flows[o].rate <= f.rate * (1 + 1e-9) for o in net.links[k].flows)
+            for k in f.links
+        ), f"flow {f.flow_id} at {f.rate} has no bottleneck"
