@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -24,6 +25,7 @@ from kvlane.policy.types import (
     LoadReport,
     PairDecision,
     PairRequest,
+    PolicyError,
     SchemaError,
     TransferOutcome,
     WireModel,
@@ -31,6 +33,8 @@ from kvlane.policy.types import (
 
 from . import protocol as P
 from .service import PolicyService
+
+log = logging.getLogger("kvlane.policy_client")
 
 T = TypeVar("T")
 W = TypeVar("W", bound=WireModel)
@@ -153,6 +157,8 @@ class _Conn:
         self.max_frame = max_frame
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.dead: BaseException | None = None
+        #: The server start this connection reached (hello "boot"); None from a server that does not say.
+        self.boot: bytes | None = None
         self.task: asyncio.Task[None] | None = None
 
     def fail_all(self, exc: BaseException) -> None:
@@ -205,6 +211,10 @@ class PolicyClient(PolicyApi):
     the drop is retried only if its op is idempotent (`protocol.OPS[op].idempotent`), else it raises
     ConnectionLost. Errors come back as the server's PolicyError subclass; a deadline miss raises
     CallTimeout.
+
+    With `reregister=True` (the default) the client remembers what it registered (`register_engine`,
+    `register_rank`; `remove_engine` forgets) and, when it reconnects to a *restarted* service (the hello's boot
+    id changed: the new service knows no engines), registers them again before any other request goes out.
     """
 
     def __init__(
@@ -214,9 +224,16 @@ class PolicyClient(PolicyApi):
         secret: bytes | None | Literal["env"] = "env",
         timeout: float = 5.0,
         connect_timeout: float = 5.0,
+        reregister: bool = True,
     ) -> None:
         self.address = address
         self.host, self.port = parse_address(address)
+        self.reregister = reregister
+        #: What to register again on a restarted service, in registration order.
+        self._engines: dict[str, dict[str, Any]] = {}
+        self._ranks: dict[tuple[str, int], dict[str, Any]] = {}
+        self._boot: bytes | None = None
+        self._restarts_seen = 0
         self.secret = P.load_secret(None) if secret == "env" else secret
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -261,12 +278,54 @@ class PolicyClient(PolicyApi):
             if remaining <= 0:
                 raise P.CallTimeout(f"no time left to connect to {self.address}")
             try:
-                self._conn = await asyncio.wait_for(self._open(), remaining)
+                conn = await asyncio.wait_for(self._open(), remaining)
             except asyncio.TimeoutError:
                 raise P.CallTimeout(f"connecting to {self.address} took longer than {remaining:.3g} s") from None
             except (OSError, asyncio.IncompleteReadError) as exc:
                 raise P.ConnectionLost(f"cannot connect to {self.address}: {exc}") from None
-            return self._conn
+            try:
+                await self._after_restart(conn, deadline)
+            except BaseException:
+                conn.writer.close()
+                if conn.task is not None:
+                    conn.task.cancel()
+                raise
+            self._conn = conn
+            return conn
+
+    @property
+    def restarts_seen(self) -> int:
+        """How many times this client reconnected to a restarted service (a new boot id)."""
+        return self._restarts_seen
+
+    async def _after_restart(self, conn: _Conn, deadline: float) -> None:
+        """On a service that is not the one seen before (new boot id), register again what this client had
+        registered, before the connection is used for anything else. A registration the new service refuses
+        (e.g. a changed topology) is logged and forgotten; a dropped connection fails the caller's call."""
+        first = self._boot is None
+        new = conn.boot is None or conn.boot != self._boot
+        if not first and new:
+            self._restarts_seen += 1
+            if self.reregister and (self._engines or self._ranks):
+                log.warning("policy service %s restarted: registering %d engine(s) and %d rank(s) again",
+                            self.address, len(self._engines), len(self._ranks))
+                for op, key, body in [*(("register_engine", k, b) for k, b in self._engines.items()),
+                                      *(("register_rank", k, b) for k, b in self._ranks.items())]:
+                    try:
+                        await self._roundtrip(conn, op, body, deadline)
+                    except asyncio.TimeoutError:
+                        raise P.CallTimeout(f"re-registering with restarted {self.address} timed out") from None
+                    except (P.ConnectionLost, ConnectionError) as exc:
+                        raise P.ConnectionLost(f"{self.address} dropped while re-registering: {exc}") from None
+                    except (P.AuthFailed, P.Busy):
+                        raise
+                    except PolicyError as exc:  # the new service refuses it (e.g. another topology): stale
+                        log.warning("re-registering %s %s with %s refused: %s", op, key, self.address, exc)
+                        if op == "register_engine":
+                            self._engines.pop(str(key), None)
+                        else:
+                            self._ranks.pop(key, None)  # type: ignore[arg-type]
+        self._boot = conn.boot
 
     async def _open(self) -> _Conn:
         reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -286,6 +345,8 @@ class PolicyClient(PolicyApi):
                 raise P.AuthFailed(f"{self.address} requires a shared secret (--secret-file / KVLANE_SECRET)")
             max_frame = hello.get("max_frame")
             conn = _Conn(reader, writer, hello["nonce"], max_frame if isinstance(max_frame, int) else P.DEFAULT_MAX_FRAME)
+            boot = hello.get("boot")
+            conn.boot = boot if isinstance(boot, bytes) else None
         except BaseException:
             writer.close()
             raise
@@ -300,21 +361,10 @@ class PolicyClient(PolicyApi):
         attempts = 2 if spec is not None and spec.idempotent else 1
         for attempt in range(attempts):
             conn = await self._ensure(deadline)
-            req_id = next(self._ids)
-            auth = P.compute_mac(self.secret, conn.nonce, req_id, op, body) if self.secret is not None else None
-            frame = P.encode_frame(P.request_frame(req_id, op, body, auth), conn.max_frame)
-            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
-            conn.pending[req_id] = fut
-            # Written at once, with no await since the id was drawn: ids reach the server in increasing order
-            # (the server requires that when auth is on).
-            conn.writer.write(frame)
-
-            async def drain_and_wait(conn: _Conn = conn, fut: asyncio.Future = fut) -> Any:
-                await conn.writer.drain()
-                return await fut
-
             try:
-                return await asyncio.wait_for(drain_and_wait(), max(deadline - loop.time(), 0.0))
+                reply = await self._roundtrip(conn, op, body, deadline)
+                self._remember(op, body)
+                return reply
             except asyncio.TimeoutError:
                 raise P.CallTimeout(f"{op} to {self.address}: no reply within {timeout:g} s") from None
             except (P.ConnectionLost, ConnectionError) as exc:
@@ -324,9 +374,40 @@ class PolicyClient(PolicyApi):
                 if isinstance(exc, P.ConnectionLost):
                     raise
                 raise P.ConnectionLost(f"{op} to {self.address}: {exc}") from None
-            finally:
-                conn.pending.pop(req_id, None)
         raise AssertionError("unreachable")
+
+    async def _roundtrip(self, conn: _Conn, op: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
+        """Send one request on `conn` and wait for its reply until `deadline` (asyncio.TimeoutError after)."""
+        loop = asyncio.get_running_loop()
+        req_id = next(self._ids)
+        auth = P.compute_mac(self.secret, conn.nonce, req_id, op, body) if self.secret is not None else None
+        frame = P.encode_frame(P.request_frame(req_id, op, body, auth), conn.max_frame)
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        conn.pending[req_id] = fut
+        # Written at once, with no await since the id was drawn: ids reach the server in increasing order
+        # (the server requires that when auth is on).
+        conn.writer.write(frame)
+
+        async def drain_and_wait() -> Any:
+            await conn.writer.drain()
+            return await fut
+
+        try:
+            return await asyncio.wait_for(drain_and_wait(), max(deadline - loop.time(), 0.0))
+        finally:
+            conn.pending.pop(req_id, None)
+
+    def _remember(self, op: str, body: dict[str, Any]) -> None:
+        """Keep what a restarted service must be told again (see `reregister`)."""
+        if op == "register_engine":
+            self._engines.pop(body["engine_id"], None)
+            self._engines[body["engine_id"]] = body
+        elif op == "register_rank":
+            self._ranks[(body["engine_id"], body["rank"])] = body
+        elif op == "remove_engine":
+            self._engines.pop(body["engine_id"], None)
+            for key in [k for k in self._ranks if k[0] == body["engine_id"]]:
+                del self._ranks[key]
 
 
 class EmbeddedPolicy(PolicyApi):

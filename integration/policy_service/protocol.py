@@ -241,12 +241,13 @@ def error_reply(req_id: int, code: str, message: str) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "id": req_id, "ok": False, "error": {"code": code, "message": message[:2000]}}
 
 
-def hello_frame(nonce: bytes, auth_required: bool, max_frame: int) -> dict[str, Any]:
-    """First frame the server sends on every connection."""
-    return {
-        "v": PROTOCOL_VERSION,
-        "hello": {"server": "kvlane-policy", "nonce": nonce, "auth": auth_required, "max_frame": max_frame},
-    }
+def hello_frame(nonce: bytes, auth_required: bool, max_frame: int, boot: bytes | None = None) -> dict[str, Any]:
+    """First frame the server sends on every connection. `boot` (8 random bytes per server start) lets a client
+    tell a restarted service (which has lost its state) from a dropped connection to the same one."""
+    hello: dict[str, Any] = {"server": "kvlane-policy", "nonce": nonce, "auth": auth_required, "max_frame": max_frame}
+    if boot is not None:
+        hello["boot"] = boot
+    return {"v": PROTOCOL_VERSION, "hello": hello}
 
 
 # --------------------------------------------------------------------------------------------------

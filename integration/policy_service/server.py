@@ -78,6 +78,8 @@ class PolicyServer:
         self._server: asyncio.base_events.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._conns: set[asyncio.Task[Any]] = set()
+        #: Identifies this start of the server (sent in every hello; see PolicyClient's re-registration).
+        self.boot = os.urandom(8)
 
     @property
     def address(self) -> str:
@@ -206,7 +208,8 @@ class _Connection:
         if len(self.server._conns) > self.server.max_connections:
             await self.fail(0, P.Busy(f"too many connections (limit {self.server.max_connections})"))
             return
-        await self.send(P.hello_frame(self.nonce, self.server.secret is not None, self.server.max_frame))
+        await self.send(P.hello_frame(self.nonce, self.server.secret is not None, self.server.max_frame,
+                                      self.server.boot))
         try:
             await self._loop()
         except (ConnectionError, asyncio.IncompleteReadError):

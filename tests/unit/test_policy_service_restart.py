@@ -1,10 +1,12 @@
 """Policy-service restart on the same port: clients (async and sync) fail fast while it is down, reconnect by
-themselves afterwards, and see exactly the state loss docs/reliability.md describes (engines, leases, announces
-gone; old lease ids answer False; new lease ids never collide with old ones)."""
+themselves afterwards, register their engines and ranks again on the new service, and see exactly the state
+loss docs/reliability.md describes (leases and announces gone; old lease ids answer False; new lease ids never
+collide with old ones)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -39,7 +41,12 @@ async def restart(srv: PolicyServer, clock: FakeClock) -> PolicyServer:
     return new
 
 
-async def test_async_client_reconnects_after_a_restart_and_old_state_is_gone():
+def registrations(srv: PolicyServer) -> float:
+    return srv.service.metrics.registry.get_sample_value("kvlane_policy_requests_total",
+                                                         {"op": "register_engine"}) or 0.0
+
+
+async def test_async_client_reconnects_after_a_restart_and_registers_again():
     clock = FakeClock(1000.0)
     srv = PolicyServer(fresh_service(clock), "127.0.0.1", 0)
     await srv.start()
@@ -47,6 +54,7 @@ async def test_async_client_reconnects_after_a_restart_and_old_state_is_gone():
     async with PolicyClient(srv.address, timeout=5.0, secret=None) as c:
         for info in ENGINES:
             await c.register_engine(info)
+        await c.register_rank("p0", 0, b"rank0-address")
         old = await c.acquire_lease(lease_req("t1"))
         assert isinstance(old, LeaseGrant)
         await c.announce("t1", {"block_ids": [1, 2]})
@@ -62,12 +70,14 @@ async def test_async_client_reconnects_after_a_restart_and_old_state_is_gone():
         await srv.start()
         try:
             assert await c.ping() == 1001.0  # reconnected by itself, same client object
-            assert await c.engines() == []  # engines must register again
+            assert c.restarts_seen == 1
+            # What this client registered is registered again, before its first request to the new service.
+            assert await c.engines() == ENGINES
+            assert await c.get_ranks("p0") == {0: b"rank0-address"}
+            assert registrations(srv) == 2.0
             assert await c.release_lease(old.lease_id) is False  # the old lease is unknown: no double free
             with pytest.raises(AnnounceTimeout):
-                await c.await_announce("t1", 0.0)  # announces are gone too
-            for info in ENGINES:
-                await c.register_engine(info)
+                await c.await_announce("t1", 0.0)  # announces are gone
             new = await c.acquire_lease(lease_req("t1"))  # the same transfer may ask again
             assert isinstance(new, LeaseGrant) and new.lease_id != old.lease_id
             assert new.lease_id.split("-")[0] != old.lease_id.split("-")[0]  # a new per-start prefix
@@ -88,9 +98,7 @@ async def test_sync_client_survives_a_restart():
         srv = await restart(srv, clock)
         await asyncio.sleep(0.05)  # the client's reader notices the drop
         assert await asyncio.to_thread(client.ping) == 1001.0
-        assert await asyncio.to_thread(client.engines) == []
-        await asyncio.to_thread(client.register_engine, ENGINES[0])
-        assert [e.engine_id for e in await asyncio.to_thread(client.engines)] == ["p0"]
+        assert [e.engine_id for e in await asyncio.to_thread(client.engines)] == ["p0"]  # registered again
     finally:
         await asyncio.to_thread(client.close)
         await srv.close()
@@ -139,3 +147,39 @@ async def test_many_restarts_keep_lease_ids_unique():
         finally:
             await srv.close()
     assert len(seen) == 12
+
+
+async def test_reregistration_only_on_a_new_service_and_forgets_removed_or_refused_engines(caplog):
+    clock = FakeClock(1000.0)
+    srv = PolicyServer(fresh_service(clock), "127.0.0.1", 0)
+    await srv.start()
+    p3 = ENGINES[0].model_copy(update={"engine_id": "p3", "gpus": ["n0.g3"]})
+    async with PolicyClient(srv.address, timeout=5.0, secret=None) as c, \
+            PolicyClient(srv.address, timeout=5.0, secret=None, reregister=False) as plain:
+        for info in [*ENGINES, p3]:
+            await c.register_engine(info)
+        await plain.ping()
+        for task in list(srv._conns):  # a dropped connection to the same service: nothing to register again
+            task.cancel()
+        await asyncio.sleep(0.05)
+        assert await c.ping() == 1000.0 and c.restarts_seen == 0
+        assert registrations(srv) == 3.0
+        assert await c.remove_engine("d0") is True  # removed: not resurrected by a restart
+
+        await srv.close()
+        clock.now += 1.0
+        # The new service runs a one-GPU fabric: p0 (n0.g0) fits, p3 (n0.g3) is refused.
+        small = PolicyService(Policy(load_topology("loopback:gpus=1"), PolicyConfig(lease_id_prefix="Lnew")),
+                              clock=clock)
+        srv = PolicyServer(small, "127.0.0.1", srv.port)
+        await srv.start()
+        try:
+            with caplog.at_level(logging.WARNING, logger="kvlane.policy_client"):
+                assert await c.ping() == 1001.0  # the refusal does not fail the caller's call
+            assert "p3" in caplog.text and "refused" in caplog.text
+            assert [e.engine_id for e in await c.engines()] == ["p0"]
+            assert await plain.ping() == 1001.0 and plain.restarts_seen == 1  # reregister=False: tells nothing
+            assert c.restarts_seen == 1
+        finally:
+            await srv.close()
+        assert list(c._engines) == ["p0"]  # p3 forgotten: a later restart will not try it again
