@@ -2,7 +2,6 @@
 
 import msgpack
 import pytest
-
 from kvlane.policy.types import LeaseRequest, PairRequest, SchemaError, TransferOutcome
 
 
