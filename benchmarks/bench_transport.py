@@ -46,7 +46,8 @@ def _raw_ctx(loop: asyncio.AbstractEventLoop) -> Any:
     from ucxx._lib_async import ApplicationContext
 
     async def make() -> Any:
-        return ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode=os.environ.get("RAW_MODE", "blocking"))
+        return ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode=os.environ.get("RAW_MODE", "blocking"),
+                                  enable_python_future=os.environ.get("RAW_MODE", "blocking") == "thread")
 
     return asyncio.run_coroutine_threadsafe(make(), loop).result(60)
 

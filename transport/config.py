@@ -73,9 +73,11 @@ class TransportConfig(BaseModel):
     #: UCX options every path's context gets unless the path sets them (a 1 s keepalive turns a dead
     #: peer into an endpoint error in about a second instead of waiting for the deadline).
     ucx_defaults: dict[str, str] = Field(default_factory=lambda: {"KEEPALIVE_INTERVAL": "1s"})
-    #: ucxx progress mode per path context: "blocking" (epoll, FACTS.md's pick) or "thread" (ucxx's own
-    #: progress thread); polling modes are not offered (unusable on 2 cores).
-    ucx_progress_mode: Literal["blocking", "thread"] = "blocking"
+    #: ucxx progress mode per path context: "thread" (ucxx's progress thread + Python futures from its
+    #: notifier thread: ~4 % of a core idle) or "blocking" (epoll in our loop; ucxx then awaits every
+    #: pending request with a sleep(0) loop: ~25 % of a core idle, since a control receive is always
+    #: posted). Polling modes are not offered (unusable on 2 cores, FACTS.md).
+    ucx_progress_mode: Literal["blocking", "thread"] = "thread"
     #: Extra process-wide UCX env (applied with setdefault before ucxx is imported).
     ucx_env: dict[str, str] = Field(default_factory=lambda: dict(UCX_BASE_ENV))
 

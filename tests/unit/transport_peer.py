@@ -5,9 +5,13 @@ Used by tests/unit/test_transport.py and benchmarks/bench_transport.py; not a te
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
+import subprocess
+import sys
+import threading
 import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -49,8 +53,8 @@ def main(conn: Any) -> None:
         op = cmd["op"]
         try:
             if op == "init":
-                if t is not None:
-                    t.close()
+                if t is not None:  # close the previous one off the command path (ucx close takes ~1 s)
+                    threading.Thread(target=t.close, daemon=True).start()
                     expects.clear()
                     peers.clear()
                 t = KVTransport(cmd["engine"], cmd["rank"], TransportConfig.model_validate(cmd["config"]))
@@ -87,15 +91,56 @@ def main(conn: Any) -> None:
         conn.send_bytes(msgpack.packb(reply, use_bin_type=True))
 
 
+class _Duplex:
+    """Two one-way pipe connections seen as one (what `main` expects)."""
+
+    def __init__(self, rfd: int, wfd: int) -> None:
+        self._r = Connection(rfd, writable=False)
+        self._w = Connection(wfd, readable=False)
+
+    def recv_bytes(self) -> bytes:
+        return self._r.recv_bytes()
+
+    def send_bytes(self, data: bytes) -> None:
+        self._w.send_bytes(data)
+
+    def poll(self, timeout: float) -> bool:
+        return self._r.poll(timeout)
+
+
+def serve(rfd: int, wfd: int) -> None:
+    main(_Duplex(rfd, wfd))
+
+
+class _Proc:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def kill(self) -> None:
+        self.popen.kill()
+
+
 class Peer:
-    """Parent-side handle of the child process."""
+    """Parent-side handle of the child process (a fresh interpreter: no pytest, no fork of our threads)."""
 
     def __init__(self) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=main, args=(child,), daemon=True)
-        self.proc.start()
-        child.close()
+        to_child_r, to_child_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        here = str(Path(__file__).resolve().parent)
+        code = f"import sys; sys.path.insert(0, {here!r}); import transport_peer; transport_peer.serve({to_child_r}, {to_parent_w})"
+        self.proc = _Proc(subprocess.Popen([sys.executable, "-c", code], pass_fds=(to_child_r, to_parent_w)))
+        os.close(to_child_r)
+        os.close(to_parent_w)
+        self.conn = _Duplex(to_parent_r, to_child_w)
 
     def call(self, timeout: float = 60.0, **cmd: Any) -> Any:
         self.conn.send_bytes(msgpack.packb(cmd, use_bin_type=True))
@@ -126,3 +171,7 @@ class Peer:
     def kill(self) -> None:
         self.proc.kill()  # SIGKILL
         self.proc.join(5)
+
+    def __del__(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
