@@ -215,6 +215,8 @@ class PolicyClient(PolicyApi):
     With `reregister=True` (the default) the client remembers what it registered (`register_engine`,
     `register_rank`; `remove_engine` forgets) and, when it reconnects to a *restarted* service (the hello's boot
     id changed: the new service knows no engines), registers them again before any other request goes out.
+    While it has something registered, a dropped connection is re-made in the background (backoff 0.05 s up to
+    2 s), so an idle engine re-registers with a restarted service without waiting for its next call.
     """
 
     def __init__(
@@ -234,6 +236,7 @@ class PolicyClient(PolicyApi):
         self._ranks: dict[tuple[str, int], dict[str, Any]] = {}
         self._boot: bytes | None = None
         self._restarts_seen = 0
+        self._reconnector: asyncio.Task[None] | None = None
         self.secret = P.load_secret(None) if secret == "env" else secret
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -254,6 +257,11 @@ class PolicyClient(PolicyApi):
 
     async def close(self) -> None:
         self._closed = True
+        if self._reconnector is not None:
+            self._reconnector.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reconnector
+            self._reconnector = None
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.writer.close()
@@ -351,7 +359,27 @@ class PolicyClient(PolicyApi):
             writer.close()
             raise
         conn.task = asyncio.get_running_loop().create_task(conn.read_loop(self.address))
+        conn.task.add_done_callback(lambda _task: self._on_conn_done(conn))
         return conn
+
+    def _on_conn_done(self, conn: _Conn) -> None:
+        """The connection is gone: if this client has registrations to keep alive, reconnect in the background."""
+        if self._closed or not self.reregister or not (self._engines or self._ranks) or self._conn is not conn:
+            return
+        if self._reconnector is None or self._reconnector.done():
+            self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        delay = 0.05
+        while not self._closed:
+            try:
+                await self._ensure(loop.time() + self.connect_timeout)
+                return
+            except (PolicyError, OSError) as exc:
+                log.debug("reconnecting to %s: %s; next try in %.2g s", self.address, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     async def _call(self, op: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         loop = asyncio.get_running_loop()

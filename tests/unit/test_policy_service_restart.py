@@ -183,3 +183,28 @@ async def test_reregistration_only_on_a_new_service_and_forgets_removed_or_refus
         finally:
             await srv.close()
         assert list(c._engines) == ["p0"]  # p3 forgotten: a later restart will not try it again
+
+
+async def test_an_idle_client_registers_again_in_the_background():
+    """An engine that makes no call after the restart is still registered with the new service (otherwise no
+    router would pick it, and it would never get the traffic that makes it call)."""
+    clock = FakeClock(1000.0)
+    srv = PolicyServer(fresh_service(clock), "127.0.0.1", 0)
+    await srv.start()
+    async with PolicyClient(srv.address, timeout=5.0, secret=None) as c:
+        await c.register_engine(ENGINES[0])
+        await srv.close()
+        await asyncio.sleep(0.3)  # down for a while: the background reconnects back off
+        clock.now += 1.0
+        srv = PolicyServer(fresh_service(clock), "127.0.0.1", srv.port)
+        await srv.start()
+        try:
+            for _ in range(100):  # backoff is at most 2 s
+                if srv.service.policy.engines():
+                    break
+                await asyncio.sleep(0.05)
+            assert [e.engine_id for e in srv.service.policy.engines()] == ["p0"]
+            assert c.restarts_seen == 1
+        finally:
+            await srv.close()
+    assert c._reconnector is None  # close() stopped the background reconnects
