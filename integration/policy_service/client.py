@@ -213,8 +213,9 @@ class PolicyClient(PolicyApi):
     CallTimeout.
 
     With `reregister=True` (the default) the client remembers what it registered (`register_engine`,
-    `register_rank`; `remove_engine` forgets) and, when it reconnects to a *restarted* service (the hello's boot
-    id changed: the new service knows no engines), registers them again before any other request goes out.
+    `register_rank`; `remove_engine` forgets) and its announces of the last `announce_memory_s` seconds (at most
+    1024), and when it reconnects to a *restarted* service (the hello's boot id changed: the new service knows
+    no engines and has an empty announce board) sends them again before any other request goes out.
     While it has something registered, a dropped connection is re-made in the background (backoff 0.05 s up to
     2 s), so an idle engine re-registers with a restarted service without waiting for its next call.
     """
@@ -227,6 +228,7 @@ class PolicyClient(PolicyApi):
         timeout: float = 5.0,
         connect_timeout: float = 5.0,
         reregister: bool = True,
+        announce_memory_s: float = 120.0,
     ) -> None:
         self.address = address
         self.host, self.port = parse_address(address)
@@ -234,6 +236,9 @@ class PolicyClient(PolicyApi):
         #: What to register again on a restarted service, in registration order.
         self._engines: dict[str, dict[str, Any]] = {}
         self._ranks: dict[tuple[str, int], dict[str, Any]] = {}
+        #: transfer id -> (announce body, loop time after which it is not worth re-announcing).
+        self._announces: dict[str, tuple[dict[str, Any], float]] = {}
+        self.announce_memory_s = announce_memory_s
         self._boot: bytes | None = None
         self._restarts_seen = 0
         self._reconnector: asyncio.Task[None] | None = None
@@ -314,11 +319,14 @@ class PolicyClient(PolicyApi):
         new = conn.boot is None or conn.boot != self._boot
         if not first and new:
             self._restarts_seen += 1
-            if self.reregister and (self._engines or self._ranks):
-                log.warning("policy service %s restarted: registering %d engine(s) and %d rank(s) again",
-                            self.address, len(self._engines), len(self._ranks))
+            now = asyncio.get_running_loop().time()
+            self._announces = {k: v for k, v in self._announces.items() if v[1] > now}
+            if self.reregister and (self._engines or self._ranks or self._announces):
+                log.warning("policy service %s restarted: registering %d engine(s), %d rank(s) and %d announce(s) "
+                            "again", self.address, len(self._engines), len(self._ranks), len(self._announces))
                 for op, key, body in [*(("register_engine", k, b) for k, b in self._engines.items()),
-                                      *(("register_rank", k, b) for k, b in self._ranks.items())]:
+                                      *(("register_rank", k, b) for k, b in self._ranks.items()),
+                                      *(("announce", k, b) for k, (b, _) in self._announces.items())]:
                     try:
                         await self._roundtrip(conn, op, body, deadline)
                     except asyncio.TimeoutError:
@@ -331,6 +339,8 @@ class PolicyClient(PolicyApi):
                         log.warning("re-registering %s %s with %s refused: %s", op, key, self.address, exc)
                         if op == "register_engine":
                             self._engines.pop(str(key), None)
+                        elif op == "announce":
+                            self._announces.pop(str(key), None)
                         else:
                             self._ranks.pop(key, None)  # type: ignore[arg-type]
         self._boot = conn.boot
@@ -364,7 +374,9 @@ class PolicyClient(PolicyApi):
 
     def _on_conn_done(self, conn: _Conn) -> None:
         """The connection is gone: if this client has registrations to keep alive, reconnect in the background."""
-        if self._closed or not self.reregister or not (self._engines or self._ranks) or self._conn is not conn:
+        if self._closed or not self.reregister or self._conn is not conn:
+            return
+        if not (self._engines or self._ranks or self._announces):
             return
         if self._reconnector is None or self._reconnector.done():
             self._reconnector = asyncio.get_running_loop().create_task(self._reconnect_loop())
@@ -432,6 +444,11 @@ class PolicyClient(PolicyApi):
             self._engines[body["engine_id"]] = body
         elif op == "register_rank":
             self._ranks[(body["engine_id"], body["rank"])] = body
+        elif op == "announce" and self.reregister and self.announce_memory_s > 0:
+            self._announces.pop(body["transfer_id"], None)
+            self._announces[body["transfer_id"]] = (body, asyncio.get_running_loop().time() + self.announce_memory_s)
+            while len(self._announces) > 1024:
+                del self._announces[next(iter(self._announces))]
         elif op == "remove_engine":
             self._engines.pop(body["engine_id"], None)
             for key in [k for k in self._ranks if k[0] == body["engine_id"]]:

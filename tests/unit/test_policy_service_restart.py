@@ -1,7 +1,7 @@
 """Policy-service restart on the same port: clients (async and sync) fail fast while it is down, reconnect by
-themselves afterwards, register their engines and ranks again on the new service, and see exactly the state
-loss docs/reliability.md describes (leases and announces gone; old lease ids answer False; new lease ids never
-collide with old ones)."""
+themselves afterwards, register their engines, ranks and recent announces again on the new service, and see exactly the state
+loss docs/reliability.md describes (leases gone, announces only where their client re-sends them; old lease
+ids answer False; new lease ids never collide with old ones)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ async def test_async_client_reconnects_after_a_restart_and_registers_again():
         old = await c.acquire_lease(lease_req("t1"))
         assert isinstance(old, LeaseGrant)
         await c.announce("t1", {"block_ids": [1, 2]})
+        async with PolicyClient(srv.address, timeout=5.0, secret=None) as other:
+            await other.announce("t-other", {"x": 1})  # closed before the restart: nobody re-announces it
 
         await srv.close()  # the service goes away ...
         t0 = time.perf_counter()
@@ -76,8 +78,11 @@ async def test_async_client_reconnects_after_a_restart_and_registers_again():
             assert await c.get_ranks("p0") == {0: b"rank0-address"}
             assert registrations(srv) == 2.0
             assert await c.release_lease(old.lease_id) is False  # the old lease is unknown: no double free
+            # The announce this client made is on the new board again (D's blocks are still armed, so P can
+            # still find them); one nobody re-announces is gone.
+            assert await c.await_announce("t1", 0.0) == {"block_ids": [1, 2]}
             with pytest.raises(AnnounceTimeout):
-                await c.await_announce("t1", 0.0)  # announces are gone
+                await c.await_announce("t-other", 0.0)
             new = await c.acquire_lease(lease_req("t1"))  # the same transfer may ask again
             assert isinstance(new, LeaseGrant) and new.lease_id != old.lease_id
             assert new.lease_id.split("-")[0] != old.lease_id.split("-")[0]  # a new per-start prefix
