@@ -300,10 +300,12 @@ def _print_snapshot(snap: dict[str, Any], say: Callable[[str], None]) -> None:
     for p in snap.get("paths", []):
         if p.get("latency_s") is None and not p.get("failures"):
             continue
-        measured = "measured" if p.get("measured") else "static (no transfer >= 1 MiB yet)"
-        say(f"  path {p.get('path')} {'/'.join(p.get('links', []))}: bandwidth estimate {p.get('gbps', 0):.3g} Gb/s "
-            f"({measured}, {p.get('samples')} samples; static {p.get('static_gbps', 0):.3g}), "
-            f"latency EWMA {p.get('latency_s') or 0:.4f} s, failures {p.get('failures')}")
+        if p.get("measured"):
+            bw = f"{p.get('gbps', 0):.3g} Gb/s measured ({p.get('samples')} samples; static {p.get('static_gbps', 0):.3g})"
+        else:
+            bw = f"{p.get('gbps', 0):.3g} Gb/s static (no transfer of >= 1 MiB measured yet)"
+        say(f"  path {p.get('path')} ({' + '.join(p.get('links', []))}): {bw}, "
+            f"latency {(p.get('latency_s') or 0) * 1e3:.1f} ms, {p.get('failures')} failures")
 
 
 def _print_comparison(result: DemoResult, say: Callable[[str], None]) -> None:
