@@ -46,8 +46,12 @@ def _raw_ctx(loop: asyncio.AbstractEventLoop) -> Any:
     from ucxx._lib_async import ApplicationContext
 
     async def make() -> Any:
-        return ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode=os.environ.get("RAW_MODE", "blocking"),
-                                  enable_python_future=os.environ.get("RAW_MODE", "blocking") == "thread")
+        mode = os.environ.get("RAW_MODE", "thread")
+        ctx = ApplicationContext(config_dict={"TLS": "sm,self"}, progress_mode=mode,
+                                 enable_python_future=mode == "thread")
+        if mode == "thread":
+            ctx.worker.populate_python_futures_pool()
+        return ctx
 
     return asyncio.run_coroutine_threadsafe(make(), loop).result(60)
 
@@ -124,7 +128,7 @@ def bench_kvlane(backend: str, path: str, sizes: list[int], reps: int, scattered
     from transport_peer import Peer
 
     paths = {"tcp": {}} if backend == "tcp" else {path: _default_paths()[path].model_dump()}
-    cfg = {"backend": backend, "paths": paths, "ucx_progress_mode": os.environ.get("RAW_MODE", "blocking")}
+    cfg = {"backend": backend, "paths": paths, "ucx_progress_mode": os.environ.get("RAW_MODE", "thread")}
     nblocks = max(sizes) // BLOCK_BYTES
     shape = BlockShape(8, 16, 128, 2)
     peer = Peer()
@@ -184,8 +188,8 @@ def main() -> None:
     ap.add_argument("-n", "--reps", type=int, default=5)
     ap.add_argument("--gib", action="store_true", help="add a 1 GiB size")
     ap.add_argument("--sizes", type=str, default="0.0625,1,16,256", help="MiB, comma separated (0.0625 = one block)")
-    ap.add_argument("--ucx-progress", choices=["blocking", "thread"], default="blocking",
-                    help="ucxx progress mode for raw ucxx and kvlane ucx (default blocking)")
+    ap.add_argument("--ucx-progress", choices=["blocking", "thread"], default="thread",
+                    help="ucxx progress mode for raw ucxx and kvlane ucx (default thread, as kvlane)")
     ap.add_argument("--skip", type=str, default="", help="comma separated columns to skip")
     args = ap.parse_args()
     os.environ["RAW_MODE"] = args.ucx_progress  # read by both processes of each run
