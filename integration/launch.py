@@ -140,6 +140,11 @@ class ManagedProcess:
                 )
             time.sleep(0.2)
 
+    def request_stop(self) -> None:
+        """SIGTERM the process group without waiting (so several children can shut down in parallel)."""
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM the process group, SIGKILL it after `timeout` s; returns the exit code. Idempotent."""
         if self.proc is None:
@@ -504,8 +509,8 @@ def start_router(
 
 
 class ProcessSet:
-    """Owns started processes; `stop_all()` (also on `__exit__`, SIGTERM of the owner is the caller's
-    business) stops them in reverse start order."""
+    """Owns started processes; `stop_all()` (also on `__exit__`) stops them all in parallel. Turning the
+    owner's own SIGTERM into an exception that reaches `__exit__` is the caller's business."""
 
     def __init__(self) -> None:
         self.procs: list[ManagedProcess] = []
@@ -515,8 +520,12 @@ class ProcessSet:
         return proc
 
     def stop_all(self, timeout: float = 20.0) -> None:
+        """SIGTERM every child at once, then wait for each (SIGKILL after a shared `timeout`)."""
+        for proc in reversed(self.procs):
+            proc.request_stop()
+        deadline = time.monotonic() + timeout
         while self.procs:
-            self.procs.pop().stop(timeout)
+            self.procs.pop().stop(max(deadline - time.monotonic(), 0.1))
 
     def __enter__(self) -> ProcessSet:
         return self

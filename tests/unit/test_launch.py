@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import sys
 import textwrap
 import time
@@ -172,3 +174,17 @@ def test_stop_removes_the_directories_the_launcher_created(tmp_path):
                        env=dict(os.environ), cleanup_dirs=[made]).start()
     p.stop()
     assert not made.exists()
+
+
+def test_stop_all_stops_children_in_parallel_and_kills_those_ignoring_sigterm(tmp_path):
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    procs = ProcessSet()
+    ps = [procs.add(ManagedProcess(name=f"stubborn{i}", argv=_py(stubborn), log_file=tmp_path / f"{i}.log",
+                                   env=dict(os.environ)).start()) for i in range(3)]
+    for p in ps:
+        p.wait_for_log(re.compile("up"), 10)
+    t0 = time.monotonic()
+    procs.stop_all(timeout=1.0)
+    assert time.monotonic() - t0 < 2.5  # one shared grace period, not one per child
+    assert not any(p.alive() for p in ps)
+    assert all(p.proc.returncode == -signal.SIGKILL for p in ps)
