@@ -18,6 +18,7 @@ _GROUPS = [
     ("demo", "Self-contained demos."),
     ("simulate", "Flow-level simulator of the policy on a fabric."),
     ("softroce", "Soft-RoCE (rdma_rxe) VM harness."),
+    ("sglang", "Launch SGLang with the kvlane transfer backend."),
 ]
 
 for _name, _help in _GROUPS:
