@@ -74,8 +74,8 @@ class Pools:
         return a
 
 
-def server_args(tp: int, port: int) -> Any:
-    return SimpleNamespace(tp_size=tp, host="127.0.0.1", port=port, disaggregation_bootstrap_port=None,
+def server_args(tp: int, port: int, bootstrap_port: int | None = None) -> Any:
+    return SimpleNamespace(tp_size=tp, host="127.0.0.1", port=port, disaggregation_bootstrap_port=bootstrap_port,
                            device="cpu", pp_size=1)
 
 
@@ -123,13 +123,16 @@ class Engine:
     """Child side of one SGLang engine (all its TP ranks in one process, one manager per rank)."""
 
     def __init__(self, role: str, policy: str, engine_id: str, gpus: list[str], knobs: dict[str, Any]):
-        from kvlane.connector.sglang import KVLaneKVManager
+        from kvlane.connector.sglang import KVLaneKVBootstrapServer, KVLaneKVManager
 
         self.role, self.tp = role, len(gpus)
         self.pools = [Pools() for _ in range(self.tp)]
+        # prefill: SGLang's main process starts the bootstrap server, the scheduler ranks register with it
+        self.bootstrap = KVLaneKVBootstrapServer("127.0.0.1", 0) if role == "prefill" else None
+        sa = server_args(self.tp, 30000 + len(role), self.bootstrap.port if self.bootstrap else None)
         mode = SimpleNamespace(value=role)  # what DisaggregationMode.PREFILL/.DECODE carry
-        self.mgrs = [KVLaneKVManager(self.pools[r].kv_args(r), mode, server_args(self.tp, 30000 + len(role)),
-                                     False, config=config(policy, engine_id, gpus, **knobs))
+        self.mgrs = [KVLaneKVManager(self.pools[r].kv_args(r), mode, sa, False,
+                                     config=config(policy, engine_id, gpus, **knobs))
                      for r in range(self.tp)]
 
     def wait_registered(self, other: str) -> None:
@@ -138,13 +141,17 @@ class Engine:
 
     # -- decode: SGLang's DecodePreallocQueue / DecodeTransferQueue sequence -----------------------------
     def recv(self, room: int, pages: list[int], aux: int, prefix_len: int, held: list[int],
-             abort_ranks: list[int], reply: Any) -> dict[str, Any]:
+             abort_ranks: list[int], bootstrap_addr: str, reply: Any) -> dict[str, Any]:
         from kvlane.connector.sglang import KVLaneKVReceiver
 
+        # _ensure_prefill_info / _resolve_prefill_dp_rank: ask the prefill's bootstrap server, once per address
+        until(lambda: all(m.try_ensure_parallel_info(bootstrap_addr) for m in self.mgrs), 20.0, 0.1)
+        info = self.mgrs[0].prefill_info_table[bootstrap_addr]
+        assert (info.dp_size, info.error) == (1, None), info
         for p in self.pools:  # pages decode already holds (sticky prefix) carry a sentinel that must survive
             for b in p.kv:
                 b[held] = 0xAB
-        rx = [KVLaneKVReceiver(self.mgrs[r], "127.0.0.1:1", bootstrap_room=room) for r in range(self.tp)]
+        rx = [KVLaneKVReceiver(self.mgrs[r], bootstrap_addr, bootstrap_room=room) for r in range(self.tp)]
         hist = [group_poll(rx)]
         for r in rx:
             r.init(0)
@@ -169,7 +176,7 @@ class Engine:
         for x in rx:
             x.clear()
         return {"event": "done", "room": room, "hist": hist, "ranks": ranks, "errors": errors,
-                "kv": got, "aux": [p.aux[0][aux].tobytes() for p in self.pools], "sentinel_ok": sentinel_ok}
+                "prefill": info.engine_id, "kv": got, "aux": [p.aux[0][aux].tobytes() for p in self.pools], "sentinel_ok": sentinel_ok}
 
     # -- prefill: SGLang's PrefillBootstrapQueue + process_disagg_prefill_inflight_queue sequence --------
     def send(self, room: int, src_pages: list[int], aux: int, chunk: int, reply: Any) -> dict[str, Any]:
@@ -231,7 +238,7 @@ def engine_main(conn: Any, role: str, policy: str, engine_id: str, gpus: list[st
     except Exception as exc:  # noqa: BLE001
         reply({"event": "error", "error": repr(exc)})
         return
-    reply({"event": "ready"})
+    reply({"event": "ready", "bootstrap": f"127.0.0.1:{eng.bootstrap.port}" if eng.bootstrap else None})
 
     def run(cmd: dict[str, Any]) -> None:
         try:
@@ -252,3 +259,5 @@ def engine_main(conn: Any, role: str, policy: str, engine_id: str, gpus: list[st
         threading.Thread(target=run, args=(cmd,), daemon=True).start()
     for m in eng.mgrs:
         m.close()
+    if eng.bootstrap is not None:
+        eng.bootstrap.close()

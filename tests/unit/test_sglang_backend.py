@@ -84,7 +84,7 @@ class Cluster:
         addr = self.policy.conn.recv()
         self.p = Proc(sc.engine_main, "prefill", addr, "sgl-p0", P_GPUS, "sgl-d0", knobs)
         self.d = Proc(sc.engine_main, "decode", addr, "sgl-d0", D_GPUS, "sgl-p0", knobs)
-        self.p.wait("ready")
+        self.bootstrap = self.p.wait("ready")["bootstrap"]
         self.d.wait("ready")
 
     def leases(self, timeout: float = 15.0) -> dict[str, Any]:
@@ -128,7 +128,8 @@ def test_tp2_transfer_moves_only_the_pages_decode_lacks(cluster):
     scattered pages; prefill sends only pages 2..6, in chunks of 3, rank i -> rank i, plus the aux row."""
     room, src, dst, held = 101, [3, 4, 5, 6, 7, 8, 9], [40, 41, 42, 10, 55], [0, 1]
     cluster.p.send(op="send", room=room, src_pages=src, aux=3, chunk=3)
-    cluster.d.send(op="recv", room=room, pages=dst, aux=5, prefix_len=8, held=held, abort_ranks=[])
+    cluster.d.send(op="recv", room=room, pages=dst, aux=5, prefix_len=8, held=held, abort_ranks=[],
+                   bootstrap_addr=cluster.bootstrap)
     d = cluster.d.wait("done", room)
     p = cluster.p.wait("done", room)
 
@@ -144,6 +145,8 @@ def test_tp2_transfer_moves_only_the_pages_decode_lacks(cluster):
             assert got == want, f"rank {rank} layer {layer}: decode pages differ from prefill's pages 2..6"
         assert d["aux"][rank] == bytes((i + rank + 1) % 256 for i in range(AUX))
     assert d["sentinel_ok"], "a page decode already held was overwritten"
+    assert d["prefill"] == "sgl-p0"  # decode learnt who it talks to from the prefill's bootstrap server
+    assert d["prefill"] == "sgl-p0"  # decode learnt who it talks to from the prefill's bootstrap server
     assert p["metric_bytes"] == [5 * LAYERS * ITEM + AUX] * 2  # per rank: 5 pages x 3 buffers + aux row
 
     snap = cluster.leases()
@@ -155,7 +158,8 @@ def test_tp2_transfer_moves_only_the_pages_decode_lacks(cluster):
 def test_decode_abort_fails_the_prefill_group_with_a_reason(cluster):
     room = 202
     cluster.p.send(op="send", room=room, src_pages=[1, 2, 3], aux=1, chunk=8)
-    cluster.d.send(op="recv", room=room, pages=[20, 21, 22], aux=2, prefix_len=0, held=[], abort_ranks=[0, 1])
+    cluster.d.send(op="recv", room=room, pages=[20, 21, 22], aux=2, prefix_len=0, held=[], abort_ranks=[0, 1],
+                   bootstrap_addr=cluster.bootstrap)
     d = cluster.d.wait("done", room)
     p = cluster.p.wait("done", room, timeout=40)
     assert d["hist"][-1] == KVPoll.Failed and d["ranks"] == [KVPoll.Failed] * 2
@@ -170,7 +174,8 @@ def test_group_state_is_the_min_over_tp_ranks(cluster):
     """Only decode rank 1 aborts: whatever rank 0 reached, both groups end Failed, and no lease is left."""
     room = 303
     cluster.p.send(op="send", room=room, src_pages=[5, 6], aux=0, chunk=8)
-    cluster.d.send(op="recv", room=room, pages=[30, 31], aux=4, prefix_len=0, held=[], abort_ranks=[1])
+    cluster.d.send(op="recv", room=room, pages=[30, 31], aux=4, prefix_len=0, held=[], abort_ranks=[1],
+                   bootstrap_addr=cluster.bootstrap)
     d = cluster.d.wait("done", room)
     p = cluster.p.wait("done", room, timeout=40)
     assert d["ranks"][1] == KVPoll.Failed and d["hist"][-1] == KVPoll.Failed == min(d["ranks"])
@@ -183,7 +188,8 @@ def test_decode_process_death_fails_prefill_within_its_deadline():
     try:
         room = 404
         c.p.send(op="send", room=room, src_pages=[1, 2, 3, 4], aux=1, chunk=2)
-        c.d.send(op="recv", room=room, pages=[7, 8, 9, 10], aux=1, prefix_len=0, held=[], abort_ranks=[])
+        c.d.send(op="recv", room=room, pages=[7, 8, 9, 10], aux=1, prefix_len=0, held=[], abort_ranks=[],
+                 bootstrap_addr=c.bootstrap)
         c.d.wait("announced", room)
         os.kill(c.d.proc.pid, signal.SIGKILL)
         c.d.proc.join(5)
