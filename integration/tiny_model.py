@@ -197,13 +197,26 @@ def build_tiny_llama(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"key": key, "params": params, "vocab_size": n_vocab}, indent=1))
-        if dest.exists():
-            dest.rmdir()  # empty (checked above)
-        os.replace(tmp, dest)
+        if dest.exists() and not any(dest.iterdir()):
+            dest.rmdir()
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Another process built the same directory meanwhile: fine if it is the same model.
+            if _marker_key(dest) != key:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _marker_key(dest: Path) -> str | None:
+    try:
+        return json.loads((dest / MARKER).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def default_cache_dir() -> Path:

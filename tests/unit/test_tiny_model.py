@@ -62,3 +62,13 @@ def test_greedy_output_is_deterministic_varied_and_never_stops_early(model_dir):
     assert len(set(outs[0])) >= 16  # not one token repeated
     assert tok.eos_token_id not in outs[0]
     assert "\ufffd" not in tok.decode(outs[0])
+
+
+def test_concurrent_builders_of_the_same_model_both_succeed(tmp_path):
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: build_tiny_llama(tmp_path / "shared", layers=1), range(2)))
+    assert results[0] == results[1] == (tmp_path / "shared").resolve()
+    assert json.loads((tmp_path / "shared" / MARKER).read_text())["params"]["layers"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]  # no leftover temp directories
