@@ -7,6 +7,7 @@ when a flow arrives or leaves (water-filling over the links that carry flows).
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class FlowNetwork:
         self._dirty = False
         #: Links that carried a flow at the last water-filling (the only ones `advance` must integrate).
         self._busy: list[Hashable] = []
+        #: Total rate of each busy link after the last water-filling.
+        self._link_rate: dict[Hashable, float] = {}
 
     # -- topology ------------------------------------------------------------------------------------
     def add_link(self, key: Hashable, capacity: float) -> None:
@@ -136,11 +139,10 @@ class FlowNetwork:
             for flow in self.flows.values():
                 if flow.rate > 0:
                     flow.remaining = max(0.0, flow.remaining - flow.rate * dt)
-            for key in self._busy:
+            for key, total in self._link_rate.items():
                 st = self.links[key]
-                if st.flows:
-                    st.flow_area += len(st.flows) * dt
-                    st.carried += sum(self.flows[f].rate for f in st.flows) * dt
+                st.flow_area += len(st.flows) * dt
+                st.carried += total * dt
         self.now = max(self.now, now)
 
     def finished(self) -> list[Flow]:
@@ -164,37 +166,43 @@ class FlowNetwork:
     # -- water-filling -------------------------------------------------------------------------------
     def recompute(self) -> None:
         """Progressive filling: raise all unfrozen flows together; when a link saturates (or a flow hits its
-        cap) freeze the flows it limits at the current level. The result is the max-min fair allocation."""
+        cap) freeze the flows it limits at the current level. The result is the max-min fair allocation.
+
+        The next binding link comes from a heap of fair shares (residual / unfrozen flows), refreshed lazily
+        for the links a frozen flow crosses: O((flows·hops + links)·log links) per recompute."""
         self._dirty = False
         active = self.flows
-        busy = {key for flow in active.values() for key in flow.links}
-        self._busy = sorted(busy, key=str)
+        busy = dict.fromkeys(key for flow in active.values() for key in flow.links)  # ordered, deterministic
+        self._busy = list(busy)
+        self._link_rate = {}
         if not active:
             return
-        residual = {key: self.links[key].capacity for key in self._busy}
-        unfrozen_on = {key: set(self.links[key].flows) for key in residual}
+        residual = {key: self.links[key].capacity for key in busy}
+        unfrozen_on = {key: set(self.links[key].flows) for key in busy}
+        version = dict.fromkeys(busy, 0)
+        order = {key: i for i, key in enumerate(busy)}  # heap tie-break without comparing keys
+        heap = [(residual[key] / len(fl), order[key], 0, key) for key, fl in unfrozen_on.items()]
+        heapq.heapify(heap)
+        caps = [(f.cap, i, fid) for i, (fid, f) in enumerate(active.items()) if math.isfinite(f.cap)]
+        heapq.heapify(caps)
         pending = set(active)
-        for fid in pending:
-            active[fid].rate = 0.0
+        for flow in active.values():
+            flow.rate = 0.0
         while pending:
-            # The level at which the next constraint binds: a link's fair share, or the smallest cap.
-            level = math.inf
-            tight: Hashable | None = None
-            for key, fl in unfrozen_on.items():
-                if fl:
-                    share = residual[key] / len(fl)
-                    if share < level:
-                        level, tight = share, key
-            cap_fid = None
-            for fid in pending:
-                if active[fid].cap < level:
-                    level, cap_fid = active[fid].cap, fid
-            if cap_fid is not None:
-                frozen = {cap_fid}
-            elif tight is not None:
-                frozen = set(unfrozen_on[tight])
+            while heap and (heap[0][2] != version[heap[0][3]] or not unfrozen_on[heap[0][3]]):
+                heapq.heappop(heap)
+            while caps and caps[0][2] not in pending:
+                heapq.heappop(caps)
+            link_level = heap[0][0] if heap else math.inf
+            if caps and caps[0][0] < link_level:
+                level, _, fid = heapq.heappop(caps)
+                frozen = [fid]
+            elif heap:
+                level, _, _, tight = heap[0]
+                frozen = list(unfrozen_on[tight])
             else:  # flows with no links and an infinite cap cannot exist (add_flow refuses them)
                 raise NetworkError("unbounded flow in the network")
+            touched = set()
             for fid in frozen:
                 flow = active[fid]
                 flow.rate = level
@@ -202,9 +210,17 @@ class FlowNetwork:
                 for key in flow.links:
                     residual[key] = max(0.0, residual[key] - level)
                     unfrozen_on[key].discard(fid)
+                    touched.add(key)
+            for key in touched:
+                version[key] += 1
+                n = len(unfrozen_on[key])
+                if n:
+                    heapq.heappush(heap, (residual[key] / n, order[key], version[key], key))
+        for key in busy:
+            self._link_rate[key] = sum(active[f].rate for f in self.links[key].flows)
 
     # -- observation ---------------------------------------------------------------------------------
     def link_rate(self, key: Hashable) -> float:
         if self._dirty:
             self.recompute()
-        return sum(self.flows[f].rate for f in self.links[key].flows)
+        return self._link_rate.get(key, 0.0)
