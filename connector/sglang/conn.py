@@ -147,10 +147,12 @@ class KVLaneKVManager(BaseKVManager):
         except BaseException:
             self.transport.close()
             raise
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix=f"kvlane-sgl-{self.rank}")
+        # one thread per request waiting for decode's announce (a long poll): size for the bootstrap queue
+        self._pool = ThreadPoolExecutor(max_workers=128, thread_name_prefix=f"kvlane-sgl-{self.rank}")
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._peers: dict[str, PeerHandle] = {}
+        self._connect_lock = threading.Lock()
         self.prefill_info_table: dict[str, PrefillInfo] = {}
         if self.rank == 0:
             self.submit(self._register_engine)
@@ -237,6 +239,10 @@ class KVLaneKVManager(BaseKVManager):
 
     def peer(self, decode: str, deadline: float) -> PeerHandle:
         """Our transport's link to `decode`'s rank with our rank number (cached; reopened once broken)."""
+        with self._connect_lock:
+            return self._peer(decode, deadline)
+
+    def _peer(self, decode: str, deadline: float) -> PeerHandle:
         with self._lock:
             p = self._peers.get(decode)
             if p is not None and not p.broken_paths():
@@ -386,7 +392,19 @@ class KVLaneKVSender(_Transfer, BaseKVSender):
 
     def abort(self) -> None:
         self._abort.set()
-        self._fail("aborted by the prefill scheduler")
+        if self._fail("aborted by the prefill scheduler") and not self._started:
+            self.kv_mgr.submit(self._tell_group_aborted)
+
+    def _tell_group_aborted(self) -> None:
+        """Aborted before the push: rank 0 tells the other ranks there will be no lease; another rank tells
+        rank 0 not to wait for its outcome. Either way nobody waits out a deadline for us."""
+        mgr = self.kv_mgr
+        if mgr.rank == 0:
+            if self._lease is None:
+                self._post_lease({"denied": "prefill aborted the request"})
+        else:
+            _quiet(mgr.client.announce, outcome_key(self.tid, mgr.rank),
+                   RankOutcome(rank=mgr.rank, path="none", bytes=0, seconds=0.0, ok=False).to_wire())
 
     def clear(self) -> None:
         self._chunks = []
