@@ -269,8 +269,11 @@ class Simulator:
         self._dirty.clear()
 
     def run(self, workload: Workload) -> SimResult:
+        """Simulate `workload` to the end (or `horizon_s`). One run per Simulator (state accumulates)."""
         from .metrics import SimResult
 
+        if self.requests or self._events:
+            raise SimError("this Simulator has already run; build a new one (and a new policy) for another run")
         for s in workload.sessions:
             for a, b in zip(s.turns, s.turns[1:], strict=False):
                 self._next_turn[a.request_id] = b

@@ -49,6 +49,8 @@ def test_one_transfer_takes_bytes_over_link_bandwidth():
     assert req.done == pytest.approx(0.505 + 10 * 0.01)
     assert res.summary["completed"] == 1
     assert res.summary["bytes_moved"] == 5_000_000
+    with pytest.raises(SimError, match="already run"):
+        sim.run(wl)
 
 
 def test_two_prefills_into_one_decode_share_its_ingress_link():
