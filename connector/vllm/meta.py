@@ -31,9 +31,9 @@ class PushOrder:
     src_blocks: list[int]
     dst_blocks: list[int]
     deadline: float
-    #: per rank: the granted path name and D's decoded rank descriptor
+    #: per rank: the granted path name and D's registered rank descriptor (opaque bytes)
     paths: list[str]
-    peers: list[dict[str, Any]]
+    peers: list[bytes]
 
 
 @dataclass

@@ -11,7 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from kvlane.policy.types import Name
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger("vllm.kvlane.connector")
 
@@ -124,7 +124,16 @@ class ConnectorConfig(BaseModel):
     push_timeout_s: Secs = 60.0
     #: Timeout of one call to the policy service.
     rpc_timeout_s: Secs = 10.0
+    #: Data path of the workers: "blockwire" (kvlane's minimal TCP block mover, the default) or
+    #: kvlane.transport's KVTransport with its "tcp" or "ucx" backend.
+    transport: Literal["blockwire", "tcp", "ucx"] = "blockwire"
     fault_injection: FaultInjection = FaultInjection()
+
+    @model_validator(mode="after")
+    def _fault_needs_blockwire(self) -> ConnectorConfig:
+        if self.fault_injection.corrupt_kv and self.transport != "blockwire":
+            raise ValueError("fault_injection.corrupt_kv needs transport 'blockwire' (it corrupts the wire copy)")
+        return self
 
     @field_validator("policy")
     @classmethod

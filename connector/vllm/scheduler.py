@@ -29,7 +29,6 @@ from vllm.logger import init_logger
 
 from .meta import ArmOrder, KVLaneMetadata, KVLaneStats, KVLaneWorkerMeta, PushOrder, RankReport
 from .params import ConnectorConfig, KVLaneParams, ParamsError, TransferState, parse_params
-from .worker import decode_descriptor
 
 logger = init_logger("vllm.kvlane.connector")
 
@@ -360,21 +359,14 @@ class SchedulerSide:
             return f"P holds {len(job.src_blocks)} blocks, the prompt needs {n_blocks}"
         return None
 
-    def _peers(self, job: SendJob, deadline: float) -> list[dict[str, Any]] | None:
+    def _peers(self, job: SendJob, deadline: float) -> list[bytes] | None:
+        """D's registered rank descriptors (opaque here: the workers' data path decodes and checks them)."""
         while True:
             try:
                 ranks = self.client.get_ranks(job.params.decode)
-                if len(ranks) >= self.tp_size and all(r in ranks for r in range(self.tp_size)):
-                    peers = [decode_descriptor(ranks[r], r) for r in range(self.tp_size)]
-                    bad = [d for d in peers if d["tp_size"] != self.tp_size]
-                    if bad:
-                        self._drop(job, f"announce_mismatch: D registered TP={bad[0]['tp_size']}")
-                        return None
-                    return peers
-                why = f"D registered ranks {sorted(ranks)}"
-            except ValueError as exc:
-                self._drop(job, f"bad_descriptor: {exc}")
-                return None
+                if all(r in ranks for r in range(self.tp_size)):
+                    return [ranks[r] for r in range(self.tp_size)]
+                why = f"D registered ranks {sorted(ranks)}, P has TP={self.tp_size}"
             except Exception as exc:
                 why = str(exc)
             if time.monotonic() + 0.5 >= deadline or self._closed.is_set():

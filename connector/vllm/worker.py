@@ -16,7 +16,7 @@ import msgpack
 import torch
 from vllm.logger import init_logger
 
-from .blockwire import BlockServer, PagedLayers, PushResult, WireError, push_blocks
+from .blockwire import BlockServer, PagedLayers, PushResult, RecvResult, WireError, push_blocks
 from .meta import KVLaneMetadata, KVLaneWorkerMeta, PushOrder, RankReport
 from .params import ConnectorConfig
 
@@ -48,6 +48,127 @@ def decode_descriptor(data: bytes, rank: int) -> dict[str, Any]:
     return d
 
 
+class BlockwirePath:
+    """Data path over `blockwire` (kvlane's own TCP block mover): the default, and the only one that
+    supports `fault_injection.corrupt_kv`."""
+
+    def __init__(self, cfg: ConnectorConfig, rank: int, tp_size: int, layers: PagedLayers, receive: bool):
+        self.cfg, self.rank, self.tp_size, self.layers = cfg, rank, tp_size, layers
+        self.server = BlockServer(layers, rank, cfg.kv_host) if receive else None
+
+    def descriptor(self) -> bytes:
+        assert self.server is not None
+        return encode_descriptor(self.cfg.engine_id, self.tp_size, self.server.descriptor())
+
+    def endpoint(self) -> str:
+        return f"{self.server.host}:{self.server.port}" if self.server else "-"
+
+    def arm(self, tid: str, dst: list[int], deadline: float) -> None:
+        assert self.server is not None
+        self.server.arm(tid, dst, deadline)
+
+    def cancel(self, tid: str, reason: str) -> None:
+        if self.server is not None:
+            self.server.cancel(tid, reason)
+
+    def poll(self, now: float) -> list[RecvResult]:
+        return self.server.poll(now) if self.server is not None else []
+
+    def push(self, p: PushOrder, path: str) -> PushResult:
+        try:
+            peer = decode_descriptor(p.peers[self.rank], self.rank)
+        except ValueError as exc:
+            return PushResult(False, 0, 0.0, f"bad descriptor: {exc}")
+        if peer["tp_size"] != self.tp_size:
+            return PushResult(False, 0, 0.0, f"D runs TP={peer['tp_size']}, P runs TP={self.tp_size}")
+        return push_blocks(self.layers, peer, self.rank, p.transfer_id, p.src_blocks, p.dst_blocks, p.deadline,
+                           self.cfg.fault_injection.corrupt_kv)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class TransportPath:
+    """Data path over `kvlane.transport.KVTransport` ("tcp" or "ucx" backend): whole-block copies of every
+    layer region, rank i -> rank i; the transport checks rank and layout at connect."""
+
+    def __init__(self, cfg: ConnectorConfig, rank: int, tp_size: int, layers: PagedLayers,
+                 tensors: list[torch.Tensor]):
+        from kvlane.transport import BlockShape, KVTransport, TransportConfig
+
+        self.rank = rank
+        self.t = KVTransport(cfg.engine_id, rank, TransportConfig(backend=cfg.transport, host=cfg.kv_host,
+                                                                   tp_size=tp_size))
+        self.t.register_regions(tensors, layout_tag=layers.fingerprint)
+        t0 = tensors[0]
+        self.shape = BlockShape(kv_heads=t0.shape[1], block_size=t0.shape[2], head_size=t0.shape[3] // 2,
+                                itemsize=t0.element_size())
+        if self.shape.block_bytes != layers.block_layer_bytes:
+            raise WireError(f"block shape {tuple(t0.shape[1:])} is not [kv_heads, block_size, 2*head_size]")
+        self.n_regions = len(tensors)
+        self._lock = threading.Lock()
+        self._expects: dict[str, tuple[Future[Any], str | None]] = {}
+        self._peers: dict[bytes, Any] = {}
+
+    def descriptor(self) -> bytes:
+        return self.t.descriptor()
+
+    def endpoint(self) -> str:
+        return self.t.key
+
+    def _copies(self, src: list[int], dst: list[int]) -> list[Any]:
+        from kvlane.transport import block_copies
+
+        return [c for i in range(self.n_regions) for c in block_copies(i, src, dst, self.shape)]
+
+    def arm(self, tid: str, dst: list[int], deadline: float) -> None:
+        fut = self.t.expect(tid, self._copies(dst, dst), max(0.05, deadline - time.monotonic()))
+        with self._lock:
+            self._expects[tid] = (fut, None)
+
+    def cancel(self, tid: str, reason: str) -> None:
+        # KVTransport has no cancel: the receive stays armed (its blocks held) until it lands or expires.
+        with self._lock:
+            if tid in self._expects:
+                self._expects[tid] = (self._expects[tid][0], reason)
+
+    def poll(self, now: float) -> list[RecvResult]:
+        out = []
+        with self._lock:
+            for tid, (fut, cancelled) in list(self._expects.items()):
+                if not fut.done():
+                    continue
+                del self._expects[tid]
+                try:
+                    r = fut.result()
+                    out.append(RecvResult(tid, r.ok and cancelled is None, r.bytes, r.seconds, r.error or cancelled))
+                except Exception as exc:
+                    out.append(RecvResult(tid, False, error=f"{exc.__class__.__name__}: {exc}"))
+        return out
+
+    def push(self, p: PushOrder, path: str) -> PushResult:
+        t0 = time.monotonic()
+        key = p.peers[self.rank]
+        try:
+            peer = self._peers.get(key)
+            if peer is None:
+                peer = self._peers[key] = self.t.connect(key)
+            use = path if path in peer.links else next(iter(peer.links))
+            remaining = max(0.05, p.deadline - time.monotonic())
+            r = self.t.push(peer, p.transfer_id, use, self._copies(p.src_blocks, p.dst_blocks), remaining).result(
+                remaining + 10.0)
+            if not r.ok:
+                self._peers.pop(key, None)
+            return PushResult(r.ok, r.bytes, r.seconds, r.error)
+        except Exception as exc:
+            self._peers.pop(key, None)
+            return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}")
+
+    def close(self) -> None:
+        self.t.close()
+
+
 class WorkerSide:
     def __init__(self, vllm_config: Any, cfg: ConnectorConfig):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
@@ -57,7 +178,7 @@ class WorkerSide:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.block_size = vllm_config.cache_config.block_size
         self.layers: PagedLayers | None = None
-        self.server: BlockServer | None = None
+        self.path: BlockwirePath | TransportPath | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvlane-push-{self.rank}")
         self._lock = threading.Lock()
         self._pushes: dict[str, tuple[Future[PushResult], str]] = {}
@@ -75,9 +196,14 @@ class WorkerSide:
         logger.info("kvlane rank %d: %d layers, %d blocks, %d bytes/block/rank, layout %s",
                     self.rank, len(self.layers.flat), self.layers.num_blocks, self.layers.block_bytes,
                     self.layers.fingerprint)
-        if self.cfg.role == "decode":
-            self.server = BlockServer(self.layers, self.rank, self.cfg.kv_host)
-            desc = encode_descriptor(self.cfg.engine_id, self.tp_size, self.server.descriptor())
+        receive = self.cfg.role == "decode"
+        if self.cfg.transport == "blockwire":
+            self.path = BlockwirePath(self.cfg, self.rank, self.tp_size, self.layers, receive)
+        else:
+            self.path = TransportPath(self.cfg, self.rank, self.tp_size, self.layers,
+                                      [kv_caches[n] for n in self.layers.names])
+        if receive:
+            desc = self.path.descriptor()
             self._registrar = threading.Thread(target=self._register, args=(desc,), daemon=True,
                                                name=f"kvlane-register-rank-{self.rank}")
             self._registrar.start()
@@ -92,9 +218,8 @@ class WorkerSide:
             while not self._closed.is_set():
                 try:
                     client.register_rank(self.cfg.engine_id, self.rank, desc)
-                    logger.info("kvlane rank %d: registered receive endpoint %s:%d with %s", self.rank,
-                                self.server.host if self.server else "?", self.server.port if self.server else 0,
-                                self.cfg.policy)
+                    logger.info("kvlane rank %d: registered receive endpoint %s (%s) with %s", self.rank,
+                                self.path.endpoint() if self.path else "?", self.cfg.transport, self.cfg.policy)
                     return
                 except Exception as exc:
                     logger.warning("kvlane rank %d: register_rank failed (%s); retrying in %.1fs",
@@ -108,24 +233,24 @@ class WorkerSide:
     def start_load_kv(self, meta: KVLaneMetadata) -> None:
         now = time.monotonic()
         for a in meta.arm:
-            if self.server is None or self.layers is None:
+            if self.path is None or self.cfg.role != "decode":
                 logger.error("kvlane rank %d: asked to receive %s but this engine is not a decode engine",
                              self.rank, a.transfer_id)
                 self._fail_recv(a.req_id, a.dst_blocks, "not a decode engine")
                 continue
             try:
-                self.server.arm(a.transfer_id, a.dst_blocks, a.deadline)
-            except WireError as exc:
+                self.path.arm(a.transfer_id, a.dst_blocks, a.deadline)
+            except Exception as exc:
                 self._fail_recv(a.req_id, a.dst_blocks, str(exc))
                 continue
             self._recv_req[a.transfer_id] = (a.req_id, a.dst_blocks)
             self._report.armed[a.req_id] = self._report.armed.get(a.req_id, 0) + 1
         for req_id, reason in meta.cancel:
-            if self.server is None:
+            if self.path is None:
                 continue
             for tid, (rid, _) in self._recv_req.items():
                 if rid == req_id:
-                    self.server.cancel(tid, reason)
+                    self.path.cancel(tid, reason)
         for p in meta.push:
             self._start_push(p, now)
         for req_id in meta.drop:
@@ -138,20 +263,17 @@ class WorkerSide:
 
     def _start_push(self, p: PushOrder, now: float) -> None:
         path = p.paths[self.rank] if self.rank < len(p.paths) else "default"
-        if self.layers is None or self.rank >= len(p.peers):
+        if self.path is None or self.rank >= len(p.peers):
             fut: Future[PushResult] = Future()
             fut.set_result(PushResult(False, 0, 0.0, f"no peer descriptor for rank {self.rank}"))
         else:
-            fut = self._pool.submit(
-                push_blocks, self.layers, p.peers[self.rank], self.rank, p.transfer_id, p.src_blocks,
-                p.dst_blocks, p.deadline, self.cfg.fault_injection.corrupt_kv,
-            )
+            fut = self._pool.submit(self.path.push, p, path)
         self._pushes[p.req_id] = (fut, path)
 
     def transfer_results(self) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) since the last call; each request reported once."""
-        if self.server is not None:
-            for r in self.server.poll(time.monotonic()):
+        if self.path is not None:
+            for r in self.path.poll(time.monotonic()):
                 req_id, blocks = self._recv_req.pop(r.transfer_id, (None, []))
                 if req_id is None:
                     continue
@@ -186,6 +308,6 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self._closed.set()
-        if self.server is not None:
-            self.server.close()
+        if self.path is not None:
+            self.path.close()
         self._pool.shutdown(wait=False, cancel_futures=True)

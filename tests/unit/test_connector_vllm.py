@@ -317,7 +317,7 @@ def test_prefill_pushes_only_announced_blocks_under_a_lease(policy_client):
     metas: list[KVLaneMetadata] = []
     _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
     (order,) = metas[-1].push
-    assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and order.peers[0]["port"] == 5
+    assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and decode_descriptor(order.peers[0], 0)["port"] == 5
     (lease,) = policy_client.snapshot()["leases"]
     assert lease["bytes"] == 2 * 2 * PAGE and lease["transfer_id"] == "t-2"
     report = RankReport(0, True, 2 * 2 * PAGE, 0.02, order.paths[0])
@@ -353,3 +353,67 @@ def test_prefill_refuses_an_announce_for_other_tokens(policy_client):
     _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].drop)
     assert p.stats().data["failures"] == {"announce_mismatch": 1}
     p.shutdown()
+
+
+# ------------------------------------------------------------------------------- kvlane.transport path
+
+@pytest.mark.parametrize("backend", ["tcp"])
+def test_transport_path_moves_the_same_bytes_as_blockwire(backend):
+    from kvlane.connector.vllm.meta import PushOrder
+    from kvlane.connector.vllm.worker import TransportPath
+
+    src, dst = _cache(1), _cache(2)
+    before = {k: v.clone() for k, v in dst.items()}
+    cfg_p = parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": backend})
+    cfg_d = parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": backend})
+    lp, ld = PagedLayers(src, BS), PagedLayers(dst, BS)
+    p = TransportPath(cfg_p, 0, 1, lp, [src[n] for n in lp.names])
+    d = TransportPath(cfg_d, 0, 1, ld, [dst[n] for n in ld.names])
+    try:
+        d.arm("tx1", [7, 3], time.monotonic() + 20)
+        order = PushOrder("r1", "tx1", [0, 1], [7, 3], time.monotonic() + 20, ["shm"], [d.descriptor()])
+        res = p.push(order, "shm")
+        assert res.ok, res.error
+        assert res.bytes == 2 * 2 * HEADS * BS * HD2 * 4
+        (r,) = _until(lambda: d.poll(time.monotonic()))
+        assert r.ok and r.bytes == res.bytes
+        for name in src:
+            assert torch.equal(dst[name][7], src[name][0]) and torch.equal(dst[name][3], src[name][1])
+            others = [b for b in range(NUM_BLOCKS) if b not in (7, 3)]
+            assert torch.equal(dst[name][others], before[name][others])
+    finally:
+        p.close()
+        d.close()
+
+
+def test_corrupt_kv_requires_blockwire():
+    with pytest.raises(ValueError, match="corrupt_kv needs transport 'blockwire'"):
+        parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": "tcp",
+                      "fault_injection": {"corrupt_kv": True}})
+
+
+def test_prometheus_series_from_stats():
+    from kvlane.connector.vllm import KVLaneConnector
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+
+    def bind(cls):
+        class Bound(cls):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, registry=reg, **kw)
+        return Bound
+
+    types = {Gauge: bind(Gauge), Counter: bind(Counter), Histogram: bind(Histogram)}
+    prom = KVLaneConnector.build_prom_metrics(SimpleNamespace(kv_transfer_config=None), types,
+                                              ["model_name", "engine"], {0: ["tiny", "0"]})
+    stats = KVLaneConnector.build_kv_connector_stats(
+        {"push_bytes": [1000, 3000], "push_seconds": [0.01, 0.02], "lease_wait_seconds": [0.5],
+         "paths": {"shm": 2}, "failures": {"no_lease": 1}})
+    prom.observe(stats.data, 0)
+    labels = {"model_name": "tiny", "engine": "0"}
+    assert reg.get_sample_value("vllm:kvlane_push_bytes_sum", labels) == 4000
+    assert reg.get_sample_value("vllm:kvlane_push_bytes_count", labels) == 2
+    assert reg.get_sample_value("vllm:kvlane_lease_wait_seconds_sum", labels) == 0.5
+    assert reg.get_sample_value("vllm:kvlane_transfers_by_path_total", {**labels, "path": "shm"}) == 2
+    assert reg.get_sample_value("vllm:kvlane_failures_total", {**labels, "reason": "no_lease"}) == 1
