@@ -261,3 +261,26 @@ def engine_main(conn: Any, role: str, policy: str, engine_id: str, gpus: list[st
         m.close()
     if eng.bootstrap is not None:
         eng.bootstrap.close()
+
+
+def mismatch_main(conn: Any, policy: str, bootstrap_addr: str) -> None:
+    """Child: a TP=1 decode engine meeting the TP=2 prefill: its receivers must fail before any byte moves."""
+    from kvlane.connector.sglang import KVLaneKVManager, KVLaneKVReceiver
+
+    pools = Pools()
+    mgr = KVLaneKVManager(pools.kv_args(0), SimpleNamespace(value="decode"), server_args(1, 30999), False,
+                          config=config(policy, "sgl-d-tp1", ["n0.g3"]))
+    try:
+        until(lambda: mgr.try_ensure_parallel_info(bootstrap_addr), 20.0, 0.1)
+        rx = KVLaneKVReceiver(mgr, bootstrap_addr, bootstrap_room=505)
+        rx.init(0)
+        try:
+            rx.failure_exception()
+            error = None
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        conn.send({"event": "done", "poll": int(rx.poll()), "error": error})
+    except Exception as exc:  # noqa: BLE001
+        conn.send({"event": "error", "error": repr(exc)})
+    finally:
+        mgr.close()

@@ -81,7 +81,7 @@ class Cluster:
     def __init__(self, **knobs: Any) -> None:
         self.policy = Proc(sc.policy_main)
         assert self.policy.conn.poll(60), "policy service did not start"
-        addr = self.policy.conn.recv()
+        addr = self.policy_address = self.policy.conn.recv()
         self.p = Proc(sc.engine_main, "prefill", addr, "sgl-p0", P_GPUS, "sgl-d0", knobs)
         self.d = Proc(sc.engine_main, "decode", addr, "sgl-d0", D_GPUS, "sgl-p0", knobs)
         self.bootstrap = self.p.wait("ready")["bootstrap"]
@@ -181,6 +181,17 @@ def test_group_state_is_the_min_over_tp_ranks(cluster):
     assert d["ranks"][1] == KVPoll.Failed and d["hist"][-1] == KVPoll.Failed == min(d["ranks"])
     assert p["hist"][-1] == KVPoll.Failed
     assert cluster.leases()["leases"] == []
+
+
+def test_decode_with_another_tp_size_fails_before_any_byte_moves(cluster):
+    """rank i -> rank i needs equal TP: decode learns the prefill's TP from its bootstrap server."""
+    child = Proc(sc.mismatch_main, cluster.policy_address, cluster.bootstrap)
+    try:
+        r = child.wait("done", timeout=60)
+    finally:
+        child.stop()
+    assert r["poll"] == KVPoll.Failed
+    assert r["error"].startswith("KVLaneTransferError") and "TP=2, this decode TP=1" in r["error"], r["error"]
 
 
 def test_decode_process_death_fails_prefill_within_its_deadline():
