@@ -47,10 +47,12 @@ def bootstrap_fields(prefill: EngineInfo, room: int) -> dict[str, Any]:
 def sglang_pd_bodies(body: dict[str, Any], prefill: EngineInfo, decode: EngineInfo,
                      room: int | None = None) -> tuple[dict[str, Any], dict[str, Any], str]:
     """(prefill body, decode body, kvlane transfer id) for one OpenAI-style request routed to an SGLang pair.
-    Both bodies are the client's body plus the bootstrap fields (SGLang's prefill caps its own output at one
-    token); fields the client set itself are overwritten, so a client cannot steer the transfer."""
+    Both bodies are the client's body plus the bootstrap fields; the prefill's is not streamed (SGLang's
+    prefill caps its own output at one token and the router only waits for it). Bootstrap fields the client
+    set itself are overwritten, so a client cannot steer the transfer."""
     if not is_sglang_engine(decode) or decode.role.value != "decode":
         raise ValueError(f"engine {decode.engine_id!r} is not an SGLang decode engine")
     room = new_bootstrap_room() if room is None else room
     fields = bootstrap_fields(prefill, room)
-    return {**body, **fields}, {**body, **fields}, transfer_id_for_room(room)
+    p_body = {k: v for k, v in body.items() if k != "stream_options"}
+    return {**p_body, **fields, "stream": False}, {**body, **fields}, transfer_id_for_room(room)

@@ -122,10 +122,11 @@ D_INFO = EngineInfo(engine_id="sglang-decode-b", role=Role.DECODE, gpus=["n0.g1"
 
 def test_router_fields_for_an_sglang_pair():
     assert is_sglang_engine(P_INFO) and is_sglang_engine(D_INFO)
-    body = {"model": "m", "messages": [], "bootstrap_room": 1}
+    body = {"model": "m", "messages": [], "bootstrap_room": 1, "stream": True, "stream_options": {"x": 1}}
     pb, db, tid = sglang_pd_bodies(body, P_INFO, D_INFO, room=77)
     fields = {"bootstrap_host": "10.0.0.5", "bootstrap_port": 8998, "bootstrap_room": 77}
-    assert pb == db == {"model": "m", "messages": [], **fields} and tid == "sglang-77"
+    assert db == {**body, **fields} and tid == "sglang-77"
+    assert pb == {"model": "m", "messages": [], **fields, "stream": False}
     _, _, tid2 = sglang_pd_bodies(body, P_INFO, D_INFO)
     assert tid2.startswith("sglang-") and tid2 != tid
     with pytest.raises(ValueError, match="not an SGLang prefill"):
