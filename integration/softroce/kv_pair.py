@@ -71,8 +71,10 @@ def _emit(**kv: object) -> None:
 def _config(tp: int, paths: dict[str, str], tls: str):
     from kvlane.transport import PathConfig, TransportConfig
 
+    # Blocking progress: in thread mode ucxx gives ucp_ep_create 3 x 3 s on its progress thread, and
+    # endpoint creation over verbs under QEMU emulation takes longer (UCXXTimedOutError in the guest).
     return TransportConfig(
-        backend="ucx", tp_size=tp, connect_timeout_s=120.0, offer_hold_s=300.0,
+        backend="ucx", tp_size=tp, connect_timeout_s=120.0, offer_hold_s=300.0, ucx_progress_mode="blocking",
         paths={name: PathConfig(ucx={"TLS": tls, "NET_DEVICES": dev}) for name, dev in paths.items()},
     )
 
@@ -232,6 +234,8 @@ def run_pair(rdv: Path, moves: list[Move], *, ucx_env: dict[str, str], n_blocks:
         d_out, _ = d.communicate()
     run.d_exit = None if killed else d.returncode
     run.p_log, run.d_log = "".join(p_lines), d_out
+    (rdv / "P.log").write_text(run.p_log)
+    (rdv / "D.log").write_text(run.d_log)
     run.p, run.d = _json_lines(run.p_log), _json_lines(d_out)
     run.wall_seconds = time.monotonic() - t0
     return run

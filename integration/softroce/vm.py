@@ -24,6 +24,7 @@ GUEST_BASE_ENV = {
     GUEST_ENV: "1",
     "PYTHONDONTWRITEBYTECODE": "1",  # the repo is read-only in the guest
     "UCX_WARN_UNUSED_ENV_VARS": "n",
+    "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/hypothesis",  # its default (.hypothesis/ in the repo) is read-only
 }
 
 

@@ -17,7 +17,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.rxe)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _rxe_guest() -> None:
     if not in_guest():
         pytest.skip("needs the soft-RoCE guest (run: kvlane softroce run -- .venv/bin/pytest tests/softroce/guest)")
