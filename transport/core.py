@@ -205,7 +205,7 @@ class KVTransport:
         self._pushes[fut] = (transfer_id, path)
         fut.add_done_callback(lambda f: self._pushes.pop(f, None))
         asyncio.run_coroutine_threadsafe(
-            self._push(peer.links[path], transfer_id, path, runs, deadline_s, fut), self._loop)
+            self._push(peer, transfer_id, path, runs, deadline_s, fut), self._loop)
         return fut
 
     def expect(self, transfer_id: str, copies: list[BlockCopy],
@@ -400,7 +400,7 @@ class KVTransport:
 
     # sender
 
-    async def _push(self, link: Link, tid: str, path: str, runs: list[BlockCopy], deadline_s: float,
+    async def _push(self, peer: PeerHandle, tid: str, path: str, runs: list[BlockCopy], deadline_s: float,
                     fut: concurrent.futures.Future[TransferResult]) -> None:
         t0 = time.perf_counter()
         nbytes = sum(r.nbytes for r in runs)
@@ -409,9 +409,16 @@ class KVTransport:
             _resolve(fut, TransferResult(tid, False, 0, 0.0, path, f"transfer {tid!r} is already being pushed"))
             return
         self._waiters[tid] = q
+        link = peer.links[path]
         stage = ["offer"]
 
         async def steps() -> None:
+            nonlocal link
+            if link.dead.done():  # a broken link (peer restarted, endpoint closed) gets one fresh handshake
+                stage[0] = f"reconnecting (link broke: {link.dead.result()})"
+                link = await self._open(path, peer.descriptor)
+                peer.links[path] = link
+                stage[0] = "offer"
             tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
             await link.send_ctrl(Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
                                        runs=[(r.region, r.dst_offset, r.nbytes) for r in runs]))
