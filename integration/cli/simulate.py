@@ -133,6 +133,32 @@ def compare_cmd(
     _emit(results, as_json, plot_path, f"{topology}, {trace or workload} at load {load}")
 
 
+@app.command("export-trace")
+def export_trace_cmd(
+    workload: str = _WL,
+    session_rate: float = typer.Option(2.0, "--session-rate", help="Sessions per second."),
+    requests: int = _REQ, seed: int = _SEED, arrivals: str = _ARR, burst: float = _BURST,
+    out: str | None = typer.Option(None, "--out", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Write a synthetic workload as a JSONL trace (the format `--trace` reads; fields in docs/simulator.md)."""
+    from kvlane.policy.sim import generate, get_profile
+    from kvlane.policy.sim.workload import dump_trace
+
+    try:
+        wl = generate(get_profile(workload), requests=requests, session_rate=session_rate, seed=seed,
+                      arrivals=arrivals, burst_size=burst)  # type: ignore[arg-type]
+    except WorkloadError as exc:
+        _fail(str(exc))
+        return
+    text = "\n".join(dump_trace(wl)) + "\n"
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text)
+        typer.echo(f"{wl.requests} requests in {len(wl.sessions)} sessions written to {out}")
+    else:
+        typer.echo(text, nl=False)
+
+
 @app.command("profiles")
 def profiles_cmd(as_json: bool = _JSON) -> None:
     """The built-in workload profiles (seed §4)."""

@@ -173,21 +173,27 @@ def markdown_table(results: Sequence[SimResult], extra: dict[str, list[str]] | N
     return "\n".join(lines)
 
 
-def busiest_window(timeline: Sequence[tuple[float, float, str, float]], window_s: float) -> tuple[float, float]:
-    """The `window_s`-long interval (starting at a segment start) that holds the most link-seconds of use."""
-    if not timeline:
-        return 0.0, window_s
-    segs = sorted(timeline)
-    starts = sorted({a for a, _, _, _ in segs})
-    if len(starts) > 400:  # bound the work: try evenly spaced candidate starts
-        starts = starts[:: len(starts) // 400]
-    best, best_t = -1.0, starts[0]
-    for t in starts:
-        end = t + window_s
-        mass = sum(u * (min(b, end) - max(a, t)) for a, b, _, u in segs if b > t and a < end)
-        if mass > best:
-            best, best_t = mass, t
-    return best_t, best_t + window_s
+def busiest_window(timeline: Sequence[tuple[float, float, str, float]], window_s: float,
+                   steps: int = 20) -> tuple[float, float]:
+    """The `window_s`-long interval (aligned to `window_s / steps`) holding the most link-seconds of use."""
+    if not timeline or window_s <= 0:
+        return 0.0, max(window_s, 1.0)
+    w = window_s / steps
+    t_end = max(b for _, b, _, _ in timeline)
+    mass = [0.0] * (int(t_end / w) + 2)
+    for a, b, _, u in timeline:
+        for j in range(int(a / w), int(b / w) + 1):
+            lo, hi = max(a, j * w), min(b, (j + 1) * w)
+            if hi > lo:
+                mass[j] += u * (hi - lo)
+    best, best_j, run = -1.0, 0, 0.0
+    for j, m in enumerate(mass):
+        run += m
+        if j >= steps:
+            run -= mass[j - steps]
+        if run > best:
+            best, best_j = run, max(0, j - steps + 1)
+    return best_j * w, best_j * w + window_s
 
 
 def plot(results: Sequence[SimResult], path: str, heatmap_links: int = 30, bins: int = 60,
@@ -236,6 +242,6 @@ def plot(results: Sequence[SimResult], path: str, heatmap_links: int = 30, bins:
         ax.set_title(f"link utilisation ({with_tl.policy}, hottest {len(hot)} links, busiest {window_s:g} s)",
                      fontsize=9)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.subplots_adjust(left=0.05, right=0.97, bottom=0.12, top=0.92, wspace=0.45 if with_tl else 0.25)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -19,12 +19,16 @@ def test_run_prints_json_summary():
     assert len(out["hottest_links"]) <= 10
 
 
-def test_compare_table_and_plot(tmp_path):
-    png = tmp_path / "sim.png"
-    res = runner.invoke(app, ["simulate", "compare", *SMALL, "--policies", "kvlane,least-loaded",
-                              "--plot", str(png)])
+def test_compare_prints_a_row_per_policy():
+    res = runner.invoke(app, ["simulate", "compare", *SMALL, "--policies", "kvlane,least-loaded"])
     assert res.exit_code == 0, res.output
     assert "kvlane" in res.output and "least-loaded" in res.output
+
+
+def test_plot_writes_a_png(tmp_path):
+    png = tmp_path / "sim.png"
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--requests", "20", "--plot", str(png)])
+    assert res.exit_code == 0, res.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,3 +58,15 @@ def test_bad_inputs_exit_2_naming_the_problem(tmp_path):
     bad.write_text('{"t": 0, "prompt_tokens": 5}\n')
     res = runner.invoke(app, ["simulate", "run", *SMALL, "--trace", str(bad)])
     assert res.exit_code == 2 and "bad.jsonl:1: output_tokens" in res.output
+
+
+def test_export_trace_round_trips_through_run(tmp_path):
+    path = tmp_path / "agent.jsonl"
+    res = runner.invoke(app, ["simulate", "export-trace", "--workload", "coding-agent", "--requests", "30",
+                              "--seed", "4", "--out", str(path)])
+    assert res.exit_code == 0, res.output
+    lines = path.read_text().splitlines()
+    assert len(lines) == 30 and all(json.loads(x)["prompt_tokens"] >= 1 for x in lines)
+    res = runner.invoke(app, ["simulate", "run", *SMALL, "--trace", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)[0]["summary"]["completed"] == 30
