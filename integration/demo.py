@@ -53,6 +53,8 @@ class DemoOptions:
     #: Engines without connector (the demo registers them with the policy itself): checks the plumbing
     #: (policy, router, fan-out) when KVLaneConnector is not available; D then recomputes the prompt.
     plain: bool = False
+    #: More `kv_connector_extra_config` for both engines, e.g. {"transport": "ucx"} (passed through as is).
+    connector_extra: dict[str, Any] = field(default_factory=dict)
     startup_timeout: float = 600.0
     request_timeout: float = 300.0
     kv_cache_gib: int = 1
@@ -251,11 +253,12 @@ def run_pd_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> DemoRe
                 eng = start_vllm_engine(
                     model, free_port(), role=None if opts.plain else role, engine_id=engine_id,  # type: ignore[arg-type]
                     policy_addr=addr, cpu_cores=[core], served_model_name=MODEL_NAME, kv_cache_gib=opts.kv_cache_gib,
-                    extra_connector_config=None if opts.plain else {"gpus": [gpu]},
+                    extra_connector_config=None if opts.plain else {"gpus": [gpu], **opts.connector_extra},
                     log_file=log_dir / f"vllm-{engine_id}.log")
                 eng.role = role
                 engines.append(procs.add(eng))  # type: ignore[arg-type]
-                mode = "no connector" if opts.plain else "KVLaneConnector"
+                extra = "".join(f", {k}={v}" for k, v in sorted(opts.connector_extra.items()))
+                mode = "no connector" if opts.plain else f"KVLaneConnector{extra}"
                 say(f"{role} engine {engine_id}: {eng.url} on core {core}, GPU {gpu} ({mode})")
             t0 = time.monotonic()
             for eng in engines:

@@ -22,6 +22,8 @@ def pd(
         help="Single-engine greedy output to compare with: 'prefill' (the P engine called directly), "
              "'separate' (an extra plain engine started first) or 'none'."),
     plain: bool = typer.Option(False, "--plain", help="Engines without KVLaneConnector (plumbing check only)."),
+    transport: str | None = typer.Option(None, "--transport",
+                                         help="KVLaneConnector data path (its `transport` key, e.g. blockwire, tcp, ucx)."),
     startup_timeout: float = typer.Option(600.0, "--startup-timeout", min=10.0, help="Seconds an engine may take to start."),
 ) -> None:
     """1 prefill + 1 decode vLLM engine (CPU, tiny offline Llama) with KVLaneConnector, the policy service
@@ -34,6 +36,10 @@ def pd(
     logging.basicConfig(level=logging.WARNING)
     opts = DemoOptions(log_dir=Path(log_dir) if log_dir else None, max_tokens=max_tokens, reference=reference, plain=plain,  # type: ignore[arg-type]
                        startup_timeout=startup_timeout)
+    if transport:
+        if plain:
+            raise typer.BadParameter("--transport needs the connector; drop --plain", param_hint="--transport")
+        opts.connector_extra["transport"] = transport
     if cache_dir is not None:
         opts.cache_dir = Path(cache_dir)
     try:
