@@ -1,6 +1,6 @@
 """1 prefill + 1 decode vLLM engine on CPU joined by KVLaneConnector, with kvlane's policy service and router.
 
-    .venv/bin/python examples/demo_1p1d.py [--reference prefill|separate|none] [--plain] [--max-tokens N]
+    .venv/bin/python examples/demo_1p1d.py [--reference prefill|separate|none] [--plain] [--transport ucx] [--max-tokens N]
 
 Same as `kvlane demo pd`. What it shows, step by step (see kvlane.integration.demo for the code):
   1. builds a tiny random-weight Llama with an offline tokenizer (cached, ~3 s the first time);
@@ -32,9 +32,14 @@ def main() -> int:
                     help="single-engine output to compare with: the P engine called directly (default), "
                          "an extra plain engine, or none")
     ap.add_argument("--plain", action="store_true", help="engines without KVLaneConnector (plumbing check)")
+    ap.add_argument("--transport", help="KVLaneConnector data path (blockwire, tcp, ucx)")
     args = ap.parse_args()
     opts = DemoOptions(log_dir=args.log_dir, max_tokens=args.max_tokens, reference=args.reference,
                        plain=args.plain)
+    if args.transport:
+        if args.plain:
+            ap.error("--transport needs the connector; drop --plain")
+        opts.connector_extra["transport"] = args.transport
     if args.cache_dir:
         opts.cache_dir = args.cache_dir
     try:
