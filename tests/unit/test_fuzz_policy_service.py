@@ -24,7 +24,7 @@ from policy_raw import ENGINES, FakeClock, Sock, ThreadedServer, lease_req, make
 CLIENT_ERRORS = {"bad_request", "unknown_op", "unknown_engine", "no_pair", "invalid_request", "payload_too_large",
                  "announce_timeout", "busy", "policy_error", "auth_failed", "frame_too_large", "frame_timeout"}
 MAX_FRAME = 64 * 1024
-FUZZ = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 
 
