@@ -125,6 +125,9 @@ class KVLaneKVManager(BaseKVManager):
                                           "host-pool KV) yet; use mooncake or nixl for such models")
         if getattr(server_args, "pp_size", 1) not in (None, 1):
             raise NotImplementedError("kvlane SGLang backend supports pipeline parallel size 1 only")
+        if getattr(server_args, "enable_dp_attention", False):
+            raise NotImplementedError("kvlane SGLang backend does not support DP attention yet (rank i -> rank i "
+                                      "of one TP group only)")
         self.page_size = int(args.page_size)
         self.kv_item_lens = [int(x) for x in args.kv_item_lens]
         self.aux_item_lens = [int(x) for x in (getattr(args, "aux_item_lens", None) or [])]
