@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvlane.integration.policy_service import OPS, EmbeddedPolicy
+from kvlane.policy.invariants import drained_violations, ledger_violations
 from kvlane.policy.types import LeaseGrant
 from policy_raw import ENGINES, FakeClock, Sock, ThreadedServer, lease_req, make_policy
 
@@ -291,13 +292,10 @@ def test_released_lease_ids_never_free_twice(plan):
                     freed.update(c.service.sweep_once())
                 ledger = c.service.policy.ledger
                 assert {x.lease_id for x in ledger.active()} == set(granted) - freed
-                for use in ledger.decodes_in_use().values():
-                    assert all(v >= 0 for v in use.values())
+                assert ledger_violations(c.service.policy) == []
             for lid in granted:
                 assert await c.release_lease(lid) == (lid not in freed)
                 assert await c.release_lease(lid) is False
-            assert c.service.policy.ledger.active() == []
-            assert c.service.policy.ledger.decodes_in_use() == {}
-            assert c.service.policy.ledger.links_in_use() == {}
+            assert drained_violations(c.service.policy) == []
 
     asyncio.run(run())
