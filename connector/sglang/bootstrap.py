@@ -97,9 +97,8 @@ class BootstrapServerThread:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        sock = site._server.sockets[0] if site._server and site._server.sockets else None  # type: ignore[union-attr]
-        if sock is not None:
-            self.port = sock.getsockname()[1]
+        if self._runner.addresses:
+            self.port = int(self._runner.addresses[0][1])
 
     def close(self) -> None:
         if self._runner is not None:
