@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvlane.policy.faults import Fault, FaultPlan
+from kvlane.policy.invariants import ledger_violations
 from kvlane.policy.types import LeaseDenied, LeaseGrant, PolicyError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
@@ -205,6 +206,8 @@ class PolicyService:
         snap = _plain(self.policy.snapshot(now, **caps))
         if not isinstance(snap, dict):
             raise TypeError(f"policy.snapshot returned {type(snap).__name__}, not a map")
+        if hasattr(self.policy, "ledger"):  # what chaos tests in other processes check (docs/reliability.md)
+            snap["ledger_violations"] = ledger_violations(self.policy)
         return snap
 
     def _announce(self, msg: P.AnnounceBody, now: float) -> dict[str, Any]:

@@ -190,6 +190,7 @@ async def test_lease_expired_early_frees_credits_and_release_says_false(caplog):
             assert "expired early" in caplog.text
             assert drained_violations(svc.policy) == []  # leases 0, D credits back, no link held
             assert await c.release_lease(grant.lease_id) is False  # never a double free
+            assert (await c.snapshot())["ledger_violations"] == []  # what an out-of-process chaos test checks
             assert injected(svc, "expire_lease") == 1.0
             assert svc.metrics.registry.get_sample_value("kvlane_policy_leases_expired_total") == 1.0
             # A lease released in time is not expired afterwards.
