@@ -170,3 +170,18 @@ def test_decode_memory_pressure_delays_transfers_until_blocks_free():
     assert first.transfer_end == pytest.approx(0.505)
     assert second.allocated_at == pytest.approx(first.done)
     assert second.transfer_end == pytest.approx(first.done + 0.005)
+
+
+def test_measured_transfer_times_feed_the_policy_path_estimates():
+    # Two streams share D's 8 Gbps access link (credits opened wide), so each measures 4 Gbps: the outcome the
+    # simulator reports through release_lease must pull the policy's estimate of that path below 8 Gbps.
+    topo = star(3, roles=["prefill", "prefill", "decode"])
+    policy = make_policy("kvlane", topo, credits=False)
+    sim = Simulator(topo, policy, SimConfig(cost=COST))
+    sim.run(synchronized(2, prompt_tokens=100_000, output_tokens=10))  # 100 MB each: a bandwidth sample
+    assert [r.kv_transfer_s for r in sim.requests] == [pytest.approx(0.2)] * 2  # 1e8 B at 0.5e9 B/s
+    snap = policy.snapshot(sim.now)
+    assert snap["counters"]["releases"] == 2
+    measured = [p for p in snap["paths"] if p["measured"]]
+    assert len(measured) == 2
+    assert all(p["static_gbps"] == 8.0 and p["gbps"] < 8.0 for p in measured)
