@@ -47,7 +47,8 @@ def _pd(text: str) -> tuple[int, int]:
 def _run(policies: list[str], *, topology: str, workload: str, trace: str | None, load: float, requests: int,
          seed: int, arrivals: str, burst: float, credits: bool | None, max_streams: int | None,
          link_scale: float, pd_ratio: str, sticky: bool, kv_bytes_per_token: int | None,
-         prefill_tps: float | None, want_timeline: bool) -> list[Any]:
+         prefill_tps: float | None, want_timeline: bool, decode_tps: float | None = None,
+         decode_kv_gib: float | None = None) -> list[Any]:
     from kvlane.policy.topology import TopologyError, load_topology
 
     for p in policies:
@@ -62,6 +63,10 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
         cost_kw["kv_bytes_per_token"] = kv_bytes_per_token
     if prefill_tps is not None:
         cost_kw["prefill_tokens_per_s"] = prefill_tps
+    if decode_tps is not None:
+        cost_kw["decode_tokens_per_s"] = decode_tps
+    if decode_kv_gib is not None:
+        cost_kw["decode_kv_bytes"] = int(decode_kv_gib * (1 << 30))
     try:
         cfg = SimConfig(cost=CostModel(**cost_kw), pd_ratio=_pd(pd_ratio), link_scale=link_scale,
                         sticky_sessions=sticky, record_timeline=want_timeline)
@@ -94,6 +99,8 @@ _PD = typer.Option("3:2", "--pd-ratio", help="Prefill:decode engines when the to
 _STICKY = typer.Option(True, "--sticky/--no-sticky", help="Give the policy session ids (sticky sessions).")
 _BPT = typer.Option(None, "--kv-bytes-per-token", help="KV bytes per token per engine (default GLM-5.1 89,856).")
 _PTPS = typer.Option(None, "--prefill-tps", help="Prefill tokens/s per engine (default 20,000).")
+_DTPS = typer.Option(None, "--decode-tps", help="Decode tokens/s per sequence (default 50).")
+_DKV = typer.Option(None, "--decode-kv-gib", help="KV memory per decode engine, GiB (default 400).")
 _PLOT = typer.Option(None, "--plot", help="Write PNG plots (CDFs, link-utilisation heat map) here.")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
 
@@ -105,13 +112,15 @@ def run_cmd(
     requests: int = _REQ, seed: int = _SEED, arrivals: str = _ARR, burst: float = _BURST,
     credits: bool | None = _CRED, max_streams: int | None = _MS, link_scale: float = _LS, pd_ratio: str = _PD,
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
+    decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
     plot_path: str | None = _PLOT, as_json: bool = _JSON,
 ) -> None:
     """Simulate one policy: TTFT, KV-transfer time, D ingress concurrency, link utilisation, bytes moved."""
     results = _run([policy], topology=topology, workload=workload, trace=trace, load=load, requests=requests,
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
-                   prefill_tps=prefill_tps, want_timeline=plot_path is not None)
+                   prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
+                   decode_kv_gib=decode_kv_gib)
     _emit(results, as_json, plot_path, f"{policy} on {topology}, {trace or workload} at load {load}")
 
 
@@ -122,6 +131,7 @@ def compare_cmd(
     requests: int = _REQ, seed: int = _SEED, arrivals: str = _ARR, burst: float = _BURST,
     credits: bool | None = _CRED, max_streams: int | None = _MS, link_scale: float = _LS, pd_ratio: str = _PD,
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
+    decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
     plot_path: str | None = _PLOT, as_json: bool = _JSON,
 ) -> None:
     """Simulate several policies on the same workload, side by side."""
@@ -129,7 +139,8 @@ def compare_cmd(
     results = _run(names, topology=topology, workload=workload, trace=trace, load=load, requests=requests,
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
-                   prefill_tps=prefill_tps, want_timeline=plot_path is not None)
+                   prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
+                   decode_kv_gib=decode_kv_gib)
     _emit(results, as_json, plot_path, f"{topology}, {trace or workload} at load {load}")
 
 
