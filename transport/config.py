@@ -67,7 +67,7 @@ class TransportConfig(BaseModel):
     #: How long an incoming offer waits for the matching `expect()` before it is refused.
     offer_hold_s: float = Field(default=30.0, gt=0)
     #: Tagged sends in flight per transfer (ucx backend).
-    max_inflight_sends: int = Field(default=64, ge=1)
+    max_inflight_sends: int = Field(default=48, ge=1, le=90)
     #: Set when P and D run different TP sizes; without it rank i only talks to rank i.
     hetero_tp: HeteroTP | None = None
     #: UCX options every path's context gets unless the path sets them (a 1 s keepalive turns a dead

@@ -133,6 +133,7 @@ class KVTransport:
         self._expects: dict[str, _Expect] = {}
         self._offers: dict[str, _HeldOffer] = {}
         self._waiters: dict[str, asyncio.Queue[Wire]] = {}
+        self._reconnecting: dict[tuple[str, str], asyncio.Lock] = {}
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvlane-transport-{self.key}",
@@ -416,8 +417,11 @@ class KVTransport:
             nonlocal link
             if link.dead.done():  # a broken link (peer restarted, endpoint closed) gets one fresh handshake
                 stage[0] = f"reconnecting (link broke: {link.dead.result()})"
-                link = await self._open(path, peer.descriptor)
-                peer.links[path] = link
+                lock = self._reconnecting.setdefault((peer.key, path), asyncio.Lock())
+                async with lock:  # concurrent pushes share one handshake
+                    if peer.links[path].dead.done():
+                        peer.links[path] = await self._open(path, peer.descriptor)
+                link = peer.links[path]
                 stage[0] = "offer"
             tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
             await link.send_ctrl(Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,

@@ -47,6 +47,8 @@ log = logging.getLogger("kvlane.transport.ucx")
 #: Control messages of every peer arrive on this tag ("kvlane" + 0x0001); data tags are random per transfer.
 CTRL_TAG = 0x6B766C616E650001
 _LEN = struct.Struct("<I")
+#: Receives (and, via max_inflight_sends, sends) in flight per transfer; below ucxx's pool of 100 futures.
+POST_WINDOW = 48
 
 
 @dataclass(eq=False)
@@ -77,6 +79,7 @@ class UcxLink:
     async def _send(self, view: Any, tag: int) -> None:
         if self.dead.done():
             raise ConnectionError(f"link to {self.peer_key} is down: {self.dead.result()}")
+        self.backend.top_up()
         try:
             await self.ep.send(view, tag=Tag(tag), force_tag=True)
         except ucx_api.UCXError as exc:
@@ -103,9 +106,18 @@ class UcxLink:
         if self.dead.done():
             fut.set_exception(ConnectionError(f"link is down: {self.dead.result()}"))
             return fut
-        # Receives are posted on this endpoint so that closing it cancels them (ucxx tracks them per ep).
-        tasks = [asyncio.ensure_future(self.ep.recv(v, tag=Tag(tag_base + i), force_tag=True))
-                 for i, v in enumerate(views)]
+        # Receives are posted on this endpoint so that closing it cancels them (ucxx tracks them per ep),
+        # at most POST_WINDOW at a time (ucxx's futures pool holds 100; a sender's run that arrives
+        # before its receive is posted waits in UCX's unexpected queue).
+        window = asyncio.Semaphore(POST_WINDOW)
+        ep = self.ep
+
+        async def one(i: int, v: Any) -> None:
+            async with window:
+                self.backend.top_up()
+                await ep.recv(v, tag=Tag(tag_base + i), force_tag=True)
+
+        tasks = [asyncio.ensure_future(one(i, v)) for i, v in enumerate(views)]
         arm = _Arm(tasks, fut)
         self._arms[tid] = arm
 
@@ -204,6 +216,7 @@ class UcxBackend:
         buf = np.zeros(_LEN.size + MAX_CONTROL_BYTES, dtype=np.uint8)
         while True:
             try:
+                self.top_up()
                 await self.ctx.recv(buf, Tag(CTRL_TAG))
                 (n,) = _LEN.unpack(buf[: _LEN.size].tobytes())
                 if n > MAX_CONTROL_BYTES:
@@ -238,6 +251,12 @@ class UcxBackend:
             self.core.on_control(link, self.path, msg)
         else:
             self.core.on_control(None, self.path, msg)
+
+    def top_up(self) -> None:
+        """Refill ucxx's pool of Python futures before a request (thread mode): its notifier refills it
+        only periodically, and a dry pool makes ucxx print a warning per request."""
+        if self.ctx is not None and self.core.config.ucx_progress_mode == "thread":
+            self.ctx.worker.populate_python_futures_pool()
 
     def forget(self, link: UcxLink) -> None:
         self._links.discard(link)
