@@ -25,7 +25,7 @@ from policy_raw import ENGINES, FakeClock, Sock, ThreadedServer, lease_req, make
 CLIENT_ERRORS = {"bad_request", "unknown_op", "unknown_engine", "no_pair", "invalid_request", "payload_too_large",
                  "announce_timeout", "busy", "policy_error", "auth_failed", "frame_too_large", "frame_timeout"}
 MAX_FRAME = 64 * 1024
-FUZZ = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=35, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 
 
@@ -187,7 +187,7 @@ def test_huge_length_prefix_is_refused_without_reading(srv, length):
     assert_serves(srv.port)
 
 
-@settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=st.binary(min_size=2, max_size=200), cut=st.integers(0, 199), stall=st.integers(0, 3))
 def test_truncated_frames_cost_only_their_connection(srv, body, cut, stall):
     c = Sock(srv.port)

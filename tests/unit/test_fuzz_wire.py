@@ -21,7 +21,7 @@ from kvlane.integration.policy_service import protocol as P
 from kvlane.policy import types as T
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=40, deadline=None)
 
 scalars = (st.none() | st.booleans() | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
            | st.floats() | st.text(max_size=30) | st.binary(max_size=30))
@@ -126,7 +126,7 @@ def mutated(draw: st.DrawFn) -> tuple[type[T.WireModel], dict[str, Any], str, st
     return model, body, kind, key
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(case=mutated())
 def test_mutations_are_refused_by_name_or_accepted_consistently(case):
     model, body, kind, key = case
@@ -224,7 +224,7 @@ def test_transport_decoders_on_garbage(data, obj):
         _decode_descriptor(wire, raw)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(which=st.integers(0, len(CONTROLS)), key=st.text(min_size=1, max_size=10), value=values,
        drop=st.booleans())
 def test_transport_mutated_messages(which, key, value, drop):
@@ -289,7 +289,7 @@ def test_params_examples():
         mod.parse_params([PARAMS])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=90, deadline=None)
 @given(key=st.sampled_from(sorted(PARAMS)) | st.text(min_size=1, max_size=10), value=values | st.text(),
        drop=st.booleans(), raw=values)
 def test_params_validator_never_raises_anything_else(key, value, drop, raw):
