@@ -1,12 +1,15 @@
 """Real vLLM (CPU) P/D through KVLaneConnector with `kvlane.transport.KVTransport` as the workers' data path
 (`"transport": "tcp"`, or `$KVLANE_TEST_TRANSPORT=ucx`) instead of the default blockwire: token-exact
-against P itself, and a sticky second turn that moves only the blocks D lacks.
+against P itself, a sticky second turn that moves only the blocks D lacks, and (D runs vLLM's
+`kv_load_failure_policy: recompute`) a push that never comes turning into a local prefill.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -14,13 +17,14 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from kvlane.integration.launch import free_port, start_policy_service, start_vllm_engine  # noqa: E402
+from kvlane.integration.launch import connector_config, free_port, start_policy_service, start_vllm_engine  # noqa: E402
 from kvlane.integration.tiny_model import build_tiny_llama, default_cache_dir  # noqa: E402
-from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _prompt, _tokens  # noqa: E402
+from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _post, _prompt, _tokens  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 TRANSPORT = os.environ.get("KVLANE_TEST_TRANSPORT", "tcp")
+RECV_TIMEOUT = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +35,14 @@ def dep():
     engines = {}
     try:
         for name, role, core, gpu in (("p0", "prefill", 0, "n0.g0"), ("d0", "decode", 1, "n0.g1")):
+            port = free_port()
+            # Built here rather than by the launcher so that D can carry vLLM's kv_load_failure_policy.
+            cfg = connector_config(role=role, engine_id=name, policy_addr=pol.addr, http=f"http://127.0.0.1:{port}",
+                                   extra={"gpus": [gpu], "transport": TRANSPORT, "recv_timeout_s": RECV_TIMEOUT})
+            cfg["kv_load_failure_policy"] = "recompute"
             engines[name] = start_vllm_engine(
-                model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores=[core],
-                served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": [gpu], "transport": TRANSPORT, "recv_timeout_s": 60.0},
+                model, port, engine_id=name, cpu_cores=[core], served_model_name=MODEL, block_size=BLOCK,
+                max_model_len=4096, extra_args=["--kv-transfer-config", json.dumps(cfg)],
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
         for e in engines.values():
@@ -70,3 +78,17 @@ def test_sticky_delta_over_kvlane_transport(dep):
     assert got["status"] == "done" and got["first_block"] == held
     assert got["received_bytes"] == (-(-len(turn2) // BLOCK) - held) * bb
     assert d2["choices"][0]["text"] == dep.reference(turn2, 12)["choices"][0]["text"]
+
+
+def test_missed_push_falls_back_to_local_prefill(dep):
+    """No P for this request: D's blocks expire after recv_timeout_s, the connector reports them as load
+    errors, and vLLM (policy "recompute") prefills them on D; the answer is still the exact one."""
+    prompt = _prompt(40, seed=26)
+    params = dep.params("p0", "d0")
+    t0 = time.monotonic()
+    out = _post(dep.url("d0"), {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                "kv_transfer_params": {**params, "role": "decode"}})
+    assert time.monotonic() - t0 >= RECV_TIMEOUT - 1
+    got = out["kv_transfer_params"]
+    assert got["status"] == "failed" and got["received_bytes"] == 0, got
+    assert out["choices"][0]["text"] == dep.reference(prompt, 12)["choices"][0]["text"]
