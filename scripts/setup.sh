@@ -38,6 +38,10 @@ else
   # vLLM's own NixlConnector is the side-by-side baseline in benchmarks; nixl's deps would pull CUDA
   # wheels, so only the two packages are installed (FACTS.md: they run over UCX/TCP on CPU).
   "${pip[@]}" --no-deps "nixl-cu12==1.5.1" "nixl==1.5.1"
+  # SGLang's real base classes for the kvlane backend's contract tests, without its CUDA stack
+  # (pyproject extra `sglang` names the same pins).
+  "${pip[@]}" --no-deps "sglang==0.5.23"
+  "${pip[@]}" orjson ipython
 fi
 .venv/bin/kvlane --help >/dev/null
 echo "setup: .venv ready ($(.venv/bin/python -c 'import sys; print(sys.version.split()[0])'))"

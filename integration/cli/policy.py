@@ -72,7 +72,7 @@ def serve(
     log_level: str = typer.Option("INFO", "--log-level", help="Python logging level."),
 ) -> None:
     """Run the policy service until SIGINT/SIGTERM."""
-    from kvlane.integration.policy_service.app import build_policy
+    from kvlane.integration.policy_service.app import build_policy, load_fault_plan
     from kvlane.integration.policy_service.app import serve as run
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -82,8 +82,13 @@ def serve(
     except (OSError, ValueError) as exc:
         _fail(f"cannot build the policy: {exc}")
     try:
+        faults = load_fault_plan()
+    except (OSError, ValueError) as exc:
+        _fail(f"bad $KVLANE_FAULTS: {exc}")
+    try:
         asyncio.run(run(policy, host=host, port=port, secret=secret, metrics_port=metrics_port,
-                        announce_ttl=announce_ttl, sweep_interval=sweep_interval, max_frame=max_frame))
+                        announce_ttl=announce_ttl, sweep_interval=sweep_interval, max_frame=max_frame,
+                        faults=faults))
     except OSError as exc:
         _fail(f"cannot listen on {host}:{port}: {exc}")
     except KeyboardInterrupt:

@@ -35,6 +35,8 @@ def parse_body(raw: bytes, endpoint: Endpoint, max_bytes: int) -> dict[str, Any]
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
     if endpoint == "completions":

@@ -147,3 +147,10 @@ def test_serve_refuses_a_bad_topology():
     res = CliRunner().invoke(app, ["policy", "serve", "--topology", "nope", "--port", "0"])
     assert res.exit_code == 1
     assert "nope" in res.output and "zcube" in res.output  # names the spec and lists the generators
+
+
+def test_serve_refuses_a_bad_fault_plan(monkeypatch):
+    monkeypatch.setenv("KVLANE_FAULTS", "{not json")
+    res = CliRunner().invoke(app, ["policy", "serve", "--topology", "loopback:gpus=2", "--port", "0"])
+    assert res.exit_code == 1
+    assert "bad $KVLANE_FAULTS" in res.output  # a clear message, not a traceback
