@@ -64,13 +64,24 @@ def child_regions(peer: Peer, blocks: int = D_BLOCKS) -> list[np.ndarray]:
 @pytest.fixture(scope="module", params=BACKENDS)
 def pair(request: pytest.FixtureRequest) -> Iterator[tuple[str, KVTransport, list[np.ndarray], Peer]]:
     backend = request.param
+    d = Peer()
+    SPARES[:] = [Peer(), Peer()]  # started now, so their interpreters boot while the first tests run
     src = make_regions(2, P_BLOCKS, BLOCK, "float16", seed=7)
     p = KVTransport("P", 0, TransportConfig.model_validate(config(backend)))
     p.register_regions(src)
-    d = Peer()
     yield backend, p, src, d
     p.close()
     d.stop()
+    for spare in SPARES:
+        spare.stop()
+
+
+#: Pre-started child processes for the tests that SIGKILL their peer.
+SPARES: list[Peer] = []
+
+
+def spare() -> Peer:
+    return SPARES.pop() if SPARES else Peer()
 
 
 def test_push_lands_exact_bytes_and_leaves_other_blocks(pair: Any) -> None:
@@ -220,7 +231,7 @@ BIG_COPIES = block_copies(0, list(range(BIG_BLOCKS)), list(range(BIG_BLOCKS)), S
 def test_receiver_killed_mid_transfer_sender_fails_in_time_and_lives_on(pair: Any) -> None:
     backend, p, small, d = pair
     p.register_regions(make_regions(2, BIG_BLOCKS, BLOCK, "float16", seed=1))
-    victim = Peer()
+    victim = spare()
     try:
         handle = p.connect(init(victim, backend, blocks=BIG_BLOCKS))
         victim.call(op="expect", tid="big-1", copies=rows(BIG_COPIES), deadline=30.0)
@@ -254,7 +265,7 @@ def test_receiver_killed_mid_transfer_sender_fails_in_time_and_lives_on(pair: An
 def test_sender_killed_mid_transfer_receiver_fails_in_time(pair: Any) -> None:
     backend, p, small, _ = pair
     p.register_regions(make_regions(2, BIG_BLOCKS, BLOCK, "float16", seed=None))
-    sender = Peer()
+    sender = spare()
     try:
         r = sender.call(op="init", engine="S", rank=0, config=config(backend), n_regions=2,
                         num_blocks=BIG_BLOCKS, block_shape=BLOCK, dtype="float16", seed=2)
