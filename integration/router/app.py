@@ -1,7 +1,8 @@
 """The P/D router: an OpenAI-compatible HTTP front (aiohttp) that asks the policy service for a (prefill,
 decode) pair per request, sends the request to D and a one-token copy to P concurrently with one shared
-`kv_transfer_params`, and returns (or streams) D's answer. Runs in the router process (`kvlane router
-serve`); decides nothing about pairs, paths or credits itself, and never touches KV bytes.
+`kv_transfer_params` (vLLM engines) or one shared bootstrap room (SGLang engines), and returns (or streams)
+D's answer. Runs in the router process (`kvlane router serve`); decides nothing about pairs, paths or credits
+itself, and never touches KV bytes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from kvlane.policy.types import LoadReport, NoPairAvailable, PairDecision, PairRequest, PolicyError
+from kvlane.connector.sglang.router_fields import is_sglang_engine, sglang_pd_bodies
+from kvlane.policy.types import (
+    EngineInfo,
+    LoadReport,
+    NoPairAvailable,
+    PairDecision,
+    PairRequest,
+    PolicyError,
+)
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -92,6 +101,7 @@ class Router:
         self.metrics = metrics or RouterMetrics()
         self.clock = clock
         self._endpoints: dict[str, str] = {}
+        self._engines: dict[str, EngineInfo] = {}
         self._endpoints_at = float("-inf")
         self._inflight: dict[str, int] = {}
         self._report_tasks: dict[str, asyncio.Task[None]] = {}
@@ -137,17 +147,22 @@ class Router:
     async def _refresh_endpoints(self) -> None:
         infos = await self.policy.engines(timeout=self.config.policy_timeout)
         self._endpoints = {e.engine_id: e.endpoints["http"].rstrip("/") for e in infos if "http" in e.endpoints}
+        self._engines = {e.engine_id: e for e in infos}
         self._endpoints_at = self.clock()
 
-    async def endpoint(self, engine_id: str) -> str:
-        """The HTTP base URL engine `engine_id` registered with the policy (refreshed when unknown)."""
+    async def engine(self, engine_id: str) -> tuple[EngineInfo, str]:
+        """What engine `engine_id` registered with the policy and its HTTP base URL (refreshed when unknown)."""
         stale = self.clock() - self._endpoints_at > self.config.engines_ttl
         if engine_id not in self._endpoints or stale:
             await self._refresh_endpoints()
         url = self._endpoints.get(engine_id)
         if url is None:
             raise EngineFailed(f"engine {engine_id!r} registered no http endpoint with the policy", status=503)
-        return url
+        return self._engines[engine_id], url
+
+    async def endpoint(self, engine_id: str) -> str:
+        """The HTTP base URL engine `engine_id` registered with the policy (refreshed when unknown)."""
+        return (await self.engine(engine_id))[1]
 
     # ------------------------------------------------------------------------------------------ load
 
@@ -244,31 +259,51 @@ class Router:
                             prompt_tokens=RP.estimate_prompt_tokens(body, endpoint)),
                 timeout=self.config.policy_timeout,
             )
-            p_url = await self.endpoint(decision.prefill)
-            d_url = await self.endpoint(decision.decode)
+            p_info, p_url = await self.engine(decision.prefill)
+            d_info, d_url = await self.engine(decision.decode)
         except PolicyError as exc:
             return self._policy_error(exc)
         except EngineFailed as exc:
             self.metrics.errors.labels(reason="no_endpoint").inc()
             return _error(exc.status, str(exc), "no_engine")
+        sglang = is_sglang_engine(p_info)
+        if sglang != is_sglang_engine(d_info):
+            self.metrics.errors.labels(reason="mixed_pair").inc()
+            kinds = {True: "SGLang", False: "vLLM"}
+            return _error(503, f"the policy paired prefill engine {decision.prefill} ({kinds[sglang]}) with decode "
+                               f"engine {decision.decode} ({kinds[not sglang]}): a vLLM engine and an SGLang engine "
+                               "cannot exchange KV; serve each kind from its own policy service and router",
+                          "mixed_pair")
 
         self.metrics.decisions.labels(prefill=decision.prefill, decode=decision.decode,
                                       sticky=str(decision.sticky).lower()).inc()
-        log.debug("transfer %s session=%s pair p=%s d=%s score=%.4g locality=%s sticky=%s breakdown=%s",
-                  transfer_id, session, decision.prefill, decision.decode, decision.score, decision.locality,
-                  decision.sticky, json.dumps(decision.breakdown, sort_keys=True))
         headers = {
             "x-kvlane-pair": RP.pair_header(decision.prefill, decision.decode, decision.score, decision.sticky,
                                             decision.locality),
             "x-kvlane-transfer-id": transfer_id,
         }
-        kv = RP.kvlane_params(transfer_id=transfer_id, session=session, prefill=decision.prefill,
-                              decode=decision.decode, policy=self.config.policy_addr)
+        if sglang:
+            # SGLang's PD protocol: both halves carry the prefill's bootstrap host/port and one random room (the
+            # room names the transfer); no kv_transfer_params, not even the client's.
+            try:
+                p_body, d_body, transfer_id = sglang_pd_bodies(
+                    {k: v for k, v in body.items() if k != "kv_transfer_params"}, p_info, d_info)
+            except ValueError as exc:
+                self.metrics.errors.labels(reason="no_endpoint").inc()
+                return _error(503, f"cannot route to the SGLang pair {decision.prefill}/{decision.decode}: {exc}",
+                              "no_engine")
+            headers["x-kvlane-transfer-id"] = transfer_id
+        else:
+            kv = RP.kvlane_params(transfer_id=transfer_id, session=session, prefill=decision.prefill,
+                                  decode=decision.decode, policy=self.config.policy_addr)
+            p_body = RP.prefill_body(body, kv, client_params)
+            d_body = RP.decode_body(body, kv, client_params)
+        log.debug("transfer %s session=%s pair p=%s d=%s score=%.4g locality=%s sticky=%s breakdown=%s",
+                  transfer_id, session, decision.prefill, decision.decode, decision.score, decision.locality,
+                  decision.sticky, json.dumps(decision.breakdown, sort_keys=True))
         fwd_headers = {"Content-Type": "application/json"}
         if "Authorization" in request.headers:
             fwd_headers["Authorization"] = request.headers["Authorization"]
-        p_body = RP.prefill_body(body, kv, client_params)
-        d_body = RP.decode_body(body, kv, client_params)
         stream = bool(body.get("stream", False))
 
         self._load_change(decision.prefill, +1)

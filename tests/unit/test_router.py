@@ -299,3 +299,121 @@ async def test_models_health_and_metrics(stack):
     assert 'kvlane_router_errors_total{reason="bad_request"} 1.0' in text
     assert "kvlane_router_pair_decisions_total{" in text
     assert "kvlane_router_ttft_seconds_bucket" in text
+
+
+# ---------------------------------------------------------------------------------------------- SGLang engines
+
+BOOTSTRAP = {"p0": "127.0.0.1:8998", "p1": "127.0.0.1:8999"}
+
+
+async def _sglang_stack(kinds: dict[str, str], bootstrap: dict[str, str] = BOOTSTRAP) -> Stack:
+    """Fake engines named p*/d*, each registered as `kinds[name]` ("sglang" or "vllm") the way its backend does."""
+    engines = {n: await FakeEngine(n).start() for n in kinds}
+    policy = EmbeddedPolicy(core.Policy(topology.load_topology("loopback:gpus=4")))
+    for i, (name, eng) in enumerate(engines.items()):
+        role = Role.PREFILL if name.startswith("p") else Role.DECODE
+        endpoints = {"http": eng.url}
+        if kinds[name] == "sglang":
+            endpoints["engine"] = "sglang"
+            if role is Role.PREFILL and name in bootstrap:
+                endpoints["sglang_bootstrap"] = bootstrap[name]
+        await policy.register_engine(EngineInfo(engine_id=name, role=role, gpus=[f"n0.g{i}"], endpoints=endpoints,
+                                                kv_bytes_per_token=1024))
+    router, runner, base = await _router_server(policy)
+    stack = Stack(engines, router, base, policy)
+    stack.runner = runner  # type: ignore[attr-defined]
+    return stack
+
+
+async def _close(stack: Stack) -> None:
+    await stack.runner.cleanup()  # type: ignore[attr-defined]
+    await stack.policy.close()
+    for e in stack.engines.values():
+        await e.runner.cleanup()
+
+
+@pytest.fixture
+async def sglang_stack():
+    stack = await _sglang_stack({"p0": "sglang", "p1": "sglang", "d0": "sglang", "d1": "sglang"})
+    yield stack
+    await _close(stack)
+
+
+async def test_sglang_pair_gets_one_bootstrap_room_and_no_kv_transfer_params(sglang_stack):
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 7, "bootstrap_room": 5,
+            "kv_transfer_params": {"trace": "abc"}}
+    status, payload, headers = await sglang_stack.post("/v1/completions", body)
+    assert status == 200, payload
+    [p] = sglang_stack.served("p")
+    [d] = sglang_stack.served("d")
+    assert json.loads(payload) == {"engine": d.name, "max_tokens": 7, "choices": [{"text": f"from {d.name}"}]}
+    (p_path, p_body), (d_path, d_body) = p.received[0], d.received[0]
+    assert p_path == d_path == "/v1/completions"
+    host, port = BOOTSTRAP[p.name].split(":")
+    room = d_body["bootstrap_room"]
+    assert room != 5 and isinstance(room, int)  # the client's room is overwritten by a fresh one
+    for b in (p_body, d_body):
+        assert b["bootstrap_host"] == host and b["bootstrap_port"] == int(port) and b["bootstrap_room"] == room
+        assert "kv_transfer_params" not in b
+        assert b["prompt"] == "hello world" and b["max_tokens"] == 7
+    assert p_body["stream"] is False and "stream" not in d_body
+    assert headers["x-kvlane-transfer-id"] == f"sglang-{room}"
+    assert headers["x-kvlane-pair"].startswith(f"p={p.name}; d={d.name}; score=")
+    assert sglang_stack.router.inflight() == {p.name: 0, d.name: 0}
+
+
+async def test_sglang_stream_passes_decode_through_and_prefill_is_not_streamed(sglang_stack):
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+            "stream_options": {"include_usage": True}}
+    status, payload, headers = await sglang_stack.post("/v1/chat/completions", body)
+    assert status == 200
+    assert payload == b"".join(SSE_CHUNKS)
+    [p] = sglang_stack.served("p")
+    [d] = sglang_stack.served("d")
+    p_body, d_body = p.received[0][1], d.received[0][1]
+    assert p_body["stream"] is False and "stream_options" not in p_body
+    assert d_body["stream"] is True and d_body["stream_options"] == {"include_usage": True}
+    assert p_body["bootstrap_room"] == d_body["bootstrap_room"]
+    assert headers["x-kvlane-transfer-id"] == f"sglang-{d_body['bootstrap_room']}"
+    # a second request draws a new room
+    await sglang_stack.post("/v1/chat/completions", body)
+    rooms = {b["bootstrap_room"] for e in sglang_stack.engines.values() for _, b in e.received}
+    assert len(rooms) == 2
+
+
+async def test_sglang_prefill_failure_cancels_decode_and_is_502(sglang_stack):
+    for n in ("p0", "p1"):
+        sglang_stack.engines[n].mode = "error500"
+    for n in ("d0", "d1"):
+        sglang_stack.engines[n].mode = "slow"
+    status, payload, _ = await sglang_stack.post("/v1/completions", {"prompt": "hi"})
+    assert status == 502 and "exploded" in json.loads(payload)["error"]["message"]
+    await asyncio.sleep(0.2)
+    assert sum(sglang_stack.engines[n].cancelled for n in ("d0", "d1")) == 1
+
+
+@pytest.mark.parametrize("kinds", [{"p0": "vllm", "d0": "sglang"}, {"p0": "sglang", "d0": "vllm"}])
+async def test_a_pair_mixing_vllm_and_sglang_is_refused_with_503(kinds):
+    stack = await _sglang_stack(kinds)
+    try:
+        status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"})
+    finally:
+        await _close(stack)
+    assert status == 503
+    err = json.loads(payload)["error"]
+    assert err["type"] == "mixed_pair"
+    assert "prefill engine p0 (" + ("SGLang" if kinds["p0"] == "sglang" else "vLLM") + ")" in err["message"]
+    assert "cannot exchange KV" in err["message"]
+    assert not any(e.received for e in stack.engines.values())
+
+
+async def test_sglang_prefill_without_bootstrap_endpoint_is_503_naming_it():
+    stack = await _sglang_stack({"p0": "sglang", "d0": "sglang"}, bootstrap={})
+    try:
+        status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"})
+    finally:
+        await _close(stack)
+    assert status == 503
+    msg = json.loads(payload)["error"]["message"]
+    assert "p0" in msg and "bootstrap endpoint" in msg
+    assert not any(e.received for e in stack.engines.values())
