@@ -95,6 +95,9 @@ class Policy:
         self._p_key: dict[str, tuple[int, int, str]] = {}
         self._p_tp: dict[int, int] = {}  # TP size -> number of prefill-capable engines
         self._wide_cache: dict[tuple[int, int, str], list[str]] = {}  # (cell, tier, role) -> engine ids
+        # Switch index -> decode-capable engines with a NIC port of their first GPU on it ("leaf mates").
+        self._leaf_decode: dict[int, dict[str, None]] = {}
+        self._leaf_switches: dict[str, tuple[int, ...]] = {}  # engine id -> switches of its first GPU
         self._rot = 0
         self._picks = 0
         self._pending_since: float | None = None  # when the oldest unforgotten assignment was made
@@ -191,15 +194,25 @@ class Policy:
             bisect.insort(self._p_order, key)
             self._p_key[e.engine_id] = key
             self._p_tp[e.tp] = self._p_tp.get(e.tp, 0) + 1
+        switches = tuple(sorted({rec[2] for rec in self.topology.port_records(g)}))
+        self._leaf_switches[e.engine_id] = switches
         if e.can_decode:
             tile.decode[e.engine_id] = None
             cell.decode[e.engine_id] = None
+            for sw in switches:
+                self._leaf_decode.setdefault(sw, {})[e.engine_id] = None
 
     def _unplace(self, e: EngineState) -> None:
         self._wide_cache.clear()
         for group in (e.tile, e.cell):
             group.prefill.pop(e.engine_id, None)
             group.decode.pop(e.engine_id, None)
+        for sw in self._leaf_switches.pop(e.engine_id, ()):
+            mates = self._leaf_decode.get(sw)
+            if mates is not None:
+                mates.pop(e.engine_id, None)
+                if not mates:
+                    del self._leaf_decode[sw]
         key = self._p_key.pop(e.engine_id, None)
         if key is not None:
             del self._p_order[bisect.bisect_left(self._p_order, key)]
@@ -404,11 +417,13 @@ class Policy:
                         ok = heapq.nsmallest(wide_m, ok, key=decode_cost)
                     if len(waiting) > wide_m:
                         waiting = heapq.nsmallest(wide_m, waiting, key=decode_cost)
+                if ok:
+                    ok.extend(self._better_mates(p, ok, exclude))
                 pairs.extend((p, d) for d in ok)
                 busy.extend((p, d) for d in waiting)
             if pairs:
                 score, terms, p, d = self._best(pairs, req, 0.0)
-                return score, terms, p, d, TIERS[tier], len(pairs)
+                return score, terms, p, d, self._tier_name(p, d), len(pairs)
             if fallback is None and busy:
                 fallback = (tier, busy)
         if fallback is not None:
@@ -421,6 +436,45 @@ class Policy:
             f"none of {n_d} decode engines is admissible for the {len(shortlist)} least-loaded prefill engines "
             f"(queue < {self.config.selection.max_decode_queue}, memory pressure < "
             f"{self.config.selection.decode_memory_limit}, matching TP size)")
+
+    def _path_gbps(self, p: EngineState, d: EngineState) -> float:
+        """Bottleneck Gbps of the pair's best static path."""
+        return float(max(x.static_gbps for x in self.scorer.path_infos(p.gpu0, d.gpu0)))
+
+    def _better_mates(self, p: EngineState, found: list[EngineState], exclude: str | None) -> list[EngineState]:
+        """Decode engines behind one of P's own switches ("leaf mates", whatever their tile) whose best path
+        has strictly more bottleneck bandwidth than the best path of every candidate
+        `found` in the current tier, admissible and with a stream credit. An affinity tile can straddle
+        switches (seed §6), so on an oversubscribed fabric the D behind P's own leaf may be a neighbour
+        tile's while the same-tile D sits behind the 4:1 uplinks. Fewer hops alone do not qualify: on a
+        non-blocking fabric every path has the same bottleneck, so nothing is added and the tier order stands."""
+        leaf = self._leaf_decode
+        mates: dict[str, None] = {}
+        for sw in self._leaf_switches.get(p.engine_id, ()):
+            m = leaf.get(sw)
+            if m:
+                mates.update(m)
+        if not mates:
+            return []
+        best = max(self._path_gbps(p, d) for d in found)
+        have = {d.engine_id for d in found}
+        engines, has_credit = self._engines, self.ledger.has_stream_credit
+        out = []
+        for i in mates:
+            if i in have:
+                continue
+            d = engines[i]
+            if self._decode_ok(d, p, exclude) and has_credit(i) and self._path_gbps(p, d) > best:
+                out.append(d)
+        return out
+
+    def _tier_name(self, p: EngineState, d: EngineState) -> str:
+        """The decision's locality: how D's tile relates to P's (a leaf mate can sit in a neighbour tile)."""
+        if d.tile is p.tile:
+            return TIERS[0]
+        if d.tile in p.tile.adjacent:
+            return TIERS[1]
+        return TIERS[2] if d.cell is p.cell else TIERS[3]
 
     def _reverse(self, d: EngineState, req: PairRequest
                  ) -> tuple[float, Terms, EngineState, EngineState, str, int]:

@@ -204,6 +204,29 @@ def test_falls_to_adjacent_tile_when_own_tile_decode_has_no_credit():
     assert (d.prefill, d.locality) == ("N0", "adjacent_tile") and d.decode != "N1"
 
 
+def test_leaf_mate_with_a_faster_path_competes_with_the_same_tile_decode():
+    # fattree k=4, 4:1: n0 and n1 hang off edge switch 0, n2 and n3 off edge switch 1 (100G host ports,
+    # 25G uplinks). Tile 0 = {n0 P, n2 D}, tile 1 = {n1 D, n3}: P's same-tile D sits behind the uplinks.
+    topo = load_topology("fattree:k=4,oversub=4,gpus_per_node=1")
+    for node, tile in [("n0", 0), ("n2", 0), ("n1", 1), ("n3", 1)]:
+        topo.set_node_attrs(node, tile=tile)
+    pol = Policy(topo)
+    for eid, role, gpu in [("P", Role.PREFILL, "n0.g0"), ("Dtile", Role.DECODE, "n2.g0"),
+                           ("Dleaf", Role.DECODE, "n1.g0")]:
+        pol.register_engine(EngineInfo(engine_id=eid, role=role, gpus=[gpu]), 0.0)
+    req = PairRequest(request_id="r", kv_bytes=2_500_000_000)  # 20 Gbit: 0.2 s at 100G, 0.8 s at 25G
+    d = pol.select_pair(req, 0.0)
+    assert (d.decode, d.locality, d.candidates_scored) == ("Dleaf", "adjacent_tile", 2)
+    assert d.breakdown["tkv"] == pytest.approx(10 * 0.2) and d.breakdown["hpath"] == pytest.approx(0.25)
+    # The score decides, not a rule: 7 queued requests (+7) outweigh the 0.6 s (+6) and 2 hops (+0.5) saved.
+    pol.report_load(LoadReport(engine_id="Dleaf", queue_depth=7), 0.0)
+    zero = [pol.report_load(LoadReport(engine_id=e), 0.0) for e in ("P", "Dtile")]
+    assert len(zero) == 2
+    d = pol.select_pair(PairRequest(request_id="r2", kv_bytes=2_500_000_000), 0.0)
+    assert (d.decode, d.locality) == ("Dtile", "same_tile")
+    assert d.breakdown["tkv"] == pytest.approx(10 * 0.8) and d.breakdown["hpath"] == pytest.approx(0.75)
+
+
 def test_measured_slow_path_changes_the_chosen_pair():
     pol = loopback_policy()
     req = PairRequest(request_id="r", kv_bytes=GB)
