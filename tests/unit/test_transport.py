@@ -5,8 +5,10 @@ failures, and a SIGKILLed peer never hangs or takes down the survivor."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,9 @@ from kvlane.transport import (
     block_copies,
 )
 from kvlane.transport.ranks import routes_between
-from transport_peer import Peer, make_regions  # tests/unit is on sys.path (pytest rootdir import)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
+from transport_peer import Peer, make_regions  # noqa: E402
 
 HAS_UCXX = importlib.util.find_spec("ucxx") is not None
 BACKENDS = [
