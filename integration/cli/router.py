@@ -19,7 +19,9 @@ app = typer.Typer(no_args_is_help=True)
 @app.command()
 def serve(
     policy: str = typer.Option(..., "--policy", help="Policy service address, tcp://HOST:PORT."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    host: str = typer.Option(
+        "127.0.0.1", help="Address to bind. The router has no authentication: any non-loopback address logs a WARNING."
+    ),
     port: int = typer.Option(8000, min=0, max=65535, help="HTTP port (0 = pick a free one)."),
     secret_file: str | None = typer.Option(
         None, "--secret-file", help="File holding the policy service's shared secret (default: $KVLANE_SECRET)."

@@ -3,7 +3,8 @@ and fans the request out to the prefill and decode engines (`app`), plus the pur
 applies (`params`). Runs in the router process (`kvlane router serve`); never moves KV bytes itself.
 """
 
-from .app import EngineFailed, Router, RouterConfig, RouterMetrics, serve
+from .app import EngineFailed, Router, RouterConfig, RouterMetrics, exposure_warning, serve
 from .params import KVLANE_FIELDS, BadRequest
 
-__all__ = ["KVLANE_FIELDS", "BadRequest", "EngineFailed", "Router", "RouterConfig", "RouterMetrics", "serve"]
+__all__ = ["KVLANE_FIELDS", "BadRequest", "EngineFailed", "Router", "RouterConfig", "RouterMetrics",
+           "exposure_warning", "serve"]

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from kvlane.connector.sglang.router_fields import is_sglang_engine, sglang_pd_bodies
+from kvlane.integration.policy_service.server import is_loopback
 from kvlane.policy.types import (
     EngineInfo,
     LoadReport,
@@ -442,10 +443,25 @@ class Router:
         return out
 
 
-async def serve(router: Router, host: str, port: int, *, ready: asyncio.Event | None = None,
+def exposure_warning(host: str) -> str | None:
+    """The warning to log when the router binds `host` and that address is reachable from other machines
+    (the HTTP front has no authentication of its own), else None."""
+    if is_loopback(host):
+        return None
+    where = "ALL interfaces" if host in ("", "0.0.0.0", "::", "[::]") else f"non-loopback address {host!r}"
+    return (f"router binding to {where}: its HTTP front has NO authentication, so any host that reaches this port "
+            "can send requests to every engine behind it and read /metrics. Bind 127.0.0.1 (the default) and put "
+            "an authenticating proxy in front, or firewall the port. (The client's Authorization header is "
+            "forwarded to the engines, so engines started with --api-key still check keys.)")
+
+
+async def serve(router: Router, host: str = "127.0.0.1", port: int = 8000, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
-    """Run the router's HTTP server until `stop` is set (or the task is cancelled).
-    Logs `router listening on http://HOST:PORT` when ready."""
+    """Run the router's HTTP server until `stop` is set (or the task is cancelled). Binds loopback unless told
+    otherwise and logs a WARNING for any other address. Logs `router listening on http://HOST:PORT` when ready."""
+    warning = exposure_warning(host)
+    if warning is not None:
+        log.warning(warning)
     runner = web.AppRunner(router.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)

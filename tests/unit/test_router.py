@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from aiohttp import web
 from kvlane.integration.launch import free_port
 from kvlane.integration.policy_service import EmbeddedPolicy, PolicyClient
-from kvlane.integration.router import Router, RouterConfig
+from kvlane.integration.router import Router, RouterConfig, exposure_warning, serve
 from kvlane.policy.types import EngineInfo, Role
 
 core = pytest.importorskip("kvlane.policy.core")
@@ -417,3 +418,53 @@ async def test_sglang_prefill_without_bootstrap_endpoint_is_503_naming_it():
     msg = json.loads(payload)["error"]["message"]
     assert "p0" in msg and "bootstrap endpoint" in msg
     assert not any(e.received for e in stack.engines.values())
+
+
+# ---------------------------------------------------------------------------------------------- exposure
+
+
+@pytest.mark.parametrize(("host", "where"), [("0.0.0.0", "ALL interfaces"), ("::", "ALL interfaces"),
+                                             ("10.1.2.3", "non-loopback address '10.1.2.3'"),
+                                             ("router.example", "non-loopback address 'router.example'")])
+async def test_binding_a_non_loopback_address_logs_a_loud_warning(monkeypatch, caplog, host, where):
+    """serve() on a routable address warns before binding. TCPSite is swapped for one that records the host it
+    was asked for and binds 127.0.0.1 instead: nothing here listens beyond loopback."""
+    asked: list[str] = []
+    real_site = web.TCPSite
+
+    def loopback_site(runner, h, port, **kw):
+        asked.append(h)
+        return real_site(runner, "127.0.0.1", port, **kw)
+
+    monkeypatch.setattr(web, "TCPSite", loopback_site)
+    policy = EmbeddedPolicy(core.Policy(topology.load_topology("loopback:gpus=2")))
+    router = Router(policy, RouterConfig(policy_addr=POLICY_ADDR))
+    ready, stop = asyncio.Event(), asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="kvlane.router"):
+        task = asyncio.ensure_future(serve(router, host, 0, ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        stop.set()
+        await task
+    await policy.close()
+    assert asked == [host]
+    [warning] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"router binding to {where}" in warning.getMessage()
+    assert "NO authentication" in warning.getMessage()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.5"])
+async def test_loopback_binds_without_a_warning(caplog, host):
+    assert exposure_warning(host) is None
+    if host != "127.0.0.1":
+        return  # bind only the one address every machine has
+    policy = EmbeddedPolicy(core.Policy(topology.load_topology("loopback:gpus=2")))
+    ready, stop = asyncio.Event(), asyncio.Event()
+    with caplog.at_level(logging.INFO, logger="kvlane.router"):
+        task = asyncio.ensure_future(serve(Router(policy, RouterConfig(policy_addr=POLICY_ADDR)), port=0,
+                                           ready=ready, stop=stop))
+        await asyncio.wait_for(ready.wait(), 10)
+        stop.set()
+        await task
+    await policy.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("router listening on http://127.0.0.1:" in r.getMessage() for r in caplog.records)
