@@ -127,12 +127,17 @@ class ConnectorConfig(BaseModel):
     #: Data path of the workers: "blockwire" (kvlane's minimal TCP block mover, the default) or
     #: kvlane.transport's KVTransport with its "tcp" or "ucx" backend.
     transport: Literal["blockwire", "tcp", "ucx"] = "blockwire"
+    #: Heterogeneous TP: the other side's TP size when it differs from this engine's (P TP=1 -> D TP=2, ...).
+    #: Needs a kvlane.transport data path (head slices go rank -> rank by `transport.ranks.head_routes`).
+    peer_tp: Annotated[int, Field(ge=1, le=64)] | None = None
     fault_injection: FaultInjection = FaultInjection()
 
     @model_validator(mode="after")
     def _fault_needs_blockwire(self) -> ConnectorConfig:
         if self.fault_injection.corrupt_kv and self.transport != "blockwire":
             raise ValueError("fault_injection.corrupt_kv needs transport 'blockwire' (it corrupts the wire copy)")
+        if self.peer_tp is not None and self.transport == "blockwire":
+            raise ValueError("peer_tp (heterogeneous TP) needs transport 'tcp' or 'ucx', not 'blockwire'")
         return self
 
     @field_validator("policy")

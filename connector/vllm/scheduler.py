@@ -18,6 +18,7 @@ from typing import Any
 
 from kvlane.policy.types import (
     EngineInfo,
+    InvalidRequest,
     LeaseDenied,
     LeaseGrant,
     LeaseRequest,
@@ -345,9 +346,11 @@ class SchedulerSide:
             return f"D has {pl.get('num_tokens')} prompt tokens, P has {job.num_tokens} (tokenizers differ?)"
         if pl.get("block_size") != self.block_size:
             return f"D block size {pl.get('block_size')}, P block size {self.block_size}"
-        if pl.get("tp_size") != self.tp_size:
-            return (f"D TP={pl.get('tp_size')}, P TP={self.tp_size}: heterogeneous TP is not supported "
-                    "(rank i -> rank i only)")
+        d_tp = self.cfg.peer_tp or self.tp_size
+        if pl.get("tp_size") != d_tp:
+            return (f"D TP={pl.get('tp_size')}, P TP={self.tp_size}: set extra_config peer_tp (with a kvlane.transport "
+                    "data path) for heterogeneous TP" if self.cfg.peer_tp is None else
+                    f"D TP={pl.get('tp_size')} but this P is configured with peer_tp={self.cfg.peer_tp}")
         fb, ids = pl.get("first_block"), pl.get("block_ids")
         if type(fb) is not int or not 0 <= fb <= n_blocks:
             return f"first_block {fb!r} outside [0, {n_blocks}]"
@@ -364,9 +367,10 @@ class SchedulerSide:
         while True:
             try:
                 ranks = self.client.get_ranks(job.params.decode)
-                if all(r in ranks for r in range(self.tp_size)):
-                    return [ranks[r] for r in range(self.tp_size)]
-                why = f"D registered ranks {sorted(ranks)}, P has TP={self.tp_size}"
+                d_tp = self.cfg.peer_tp or self.tp_size
+                if all(r in ranks for r in range(d_tp)):
+                    return [ranks[r] for r in range(d_tp)]
+                why = f"D registered ranks {sorted(ranks)}, expected TP={d_tp}"
             except Exception as exc:
                 why = str(exc)
             if time.monotonic() + 0.5 >= deadline or self._closed.is_set():
@@ -386,6 +390,9 @@ class SchedulerSide:
                     return ans
                 assert isinstance(ans, LeaseDenied)
                 why, wait = ans.reason, max(0.05, ans.retry_after)
+            except InvalidRequest as exc:  # the policy will never grant this one: free the blocks now
+                self._drop(job, f"lease_refused: {exc}")
+                return None
             except Exception as exc:
                 why = f"{exc.__class__.__name__}: {exc}"
                 logger.warning("kvlane P: acquire_lease for %s failed (%s); retrying", req.transfer_id, why)

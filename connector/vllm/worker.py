@@ -90,25 +90,40 @@ class BlockwirePath:
 
 
 class TransportPath:
-    """Data path over `kvlane.transport.KVTransport` ("tcp" or "ucx" backend): whole-block copies of every
-    layer region, rank i -> rank i; the transport checks rank and layout at connect."""
+    """Data path over `kvlane.transport.KVTransport` ("tcp" or "ucx" backend). Same TP: whole blocks of every
+    layer region, rank i -> rank i. Heterogeneous TP (`peer_tp`): each (P rank, D rank) route of
+    `transport.ranks.head_routes` moves its head slice of every block under its own transfer id."""
 
     def __init__(self, cfg: ConnectorConfig, rank: int, tp_size: int, layers: PagedLayers,
                  tensors: list[torch.Tensor]):
-        from kvlane.transport import BlockShape, KVTransport, TransportConfig
+        from kvlane.transport import BlockShape, HeteroTP, KVTransport, TransportConfig, head_routes
 
         self.rank = rank
-        self.t = KVTransport(cfg.engine_id, rank, TransportConfig(backend=cfg.transport, host=cfg.kv_host,
-                                                                   tp_size=tp_size))
-        self.t.register_regions(tensors, layout_tag=layers.fingerprint)
         t0 = tensors[0]
         self.shape = BlockShape(kv_heads=t0.shape[1], block_size=t0.shape[2], head_size=t0.shape[3] // 2,
                                 itemsize=t0.element_size())
         if self.shape.block_bytes != layers.block_layer_bytes:
             raise WireError(f"block shape {tuple(t0.shape[1:])} is not [kv_heads, block_size, 2*head_size]")
+        hetero = None
+        self.routes: list[Any] = []
+        self.p_shape = self.d_shape = self.shape
+        if cfg.peer_tp is not None and cfg.peer_tp != tp_size:
+            total = self.shape.kv_heads * tp_size
+            p_tp, d_tp = (tp_size, cfg.peer_tp) if cfg.role == "prefill" else (cfg.peer_tp, tp_size)
+            hetero = HeteroTP(p_tp=p_tp, d_tp=d_tp, total_kv_heads=total)
+            self.routes = head_routes(p_tp, d_tp, total)
+            peer = BlockShape(kv_heads=total // cfg.peer_tp, block_size=self.shape.block_size,
+                              head_size=self.shape.head_size, itemsize=self.shape.itemsize)
+            self.p_shape, self.d_shape = (self.shape, peer) if cfg.role == "prefill" else (peer, self.shape)
+        self.t = KVTransport(cfg.engine_id, rank, TransportConfig(backend=cfg.transport, host=cfg.kv_host,
+                                                                   tp_size=tp_size, hetero_tp=hetero))
+        tag = layers.fingerprint
+        if hetero is not None:  # both sides describe the whole model's heads, not their own share
+            tag = tag.replace(f"block_shape={self.shape.kv_heads}x", f"block_shape={hetero.total_kv_heads}heads:", 1)
+        self.t.register_regions(tensors, layout_tag=tag)
         self.n_regions = len(tensors)
         self._lock = threading.Lock()
-        self._expects: dict[str, tuple[Future[Any], str | None]] = {}
+        self._expects: dict[str, tuple[list[Future[Any]], str | None]] = {}
         self._peers: dict[bytes, Any] = {}
 
     def descriptor(self) -> bytes:
@@ -117,15 +132,25 @@ class TransportPath:
     def endpoint(self) -> str:
         return self.t.key
 
-    def _copies(self, src: list[int], dst: list[int]) -> list[Any]:
+    def _copies(self, src: list[int], dst: list[int], route: Any = None) -> list[Any]:
         from kvlane.transport import block_copies
 
-        return [c for i in range(self.n_regions) for c in block_copies(i, src, dst, self.shape)]
+        if route is None:
+            return [c for i in range(self.n_regions) for c in block_copies(i, src, dst, self.shape)]
+        return [c for i in range(self.n_regions)
+                for c in block_copies(i, src, dst, self.p_shape, self.d_shape, route)]
 
     def arm(self, tid: str, dst: list[int], deadline: float) -> None:
-        fut = self.t.expect(tid, self._copies(dst, dst), max(0.05, deadline - time.monotonic()))
+        from kvlane.transport.ranks import route_transfer_id
+
+        remaining = max(0.05, deadline - time.monotonic())
+        if not self.routes:
+            futs = [self.t.expect(tid, self._copies(dst, dst), remaining)]
+        else:
+            futs = [self.t.expect(route_transfer_id(tid, r), self._copies(dst, dst, r), remaining)
+                    for r in self.routes if r.d_rank == self.rank]
         with self._lock:
-            self._expects[tid] = (fut, None)
+            self._expects[tid] = (futs, None)
 
     def cancel(self, tid: str, reason: str) -> None:
         # KVTransport has no cancel: the receive stays armed (its blocks held) until it lands or expires.
@@ -136,34 +161,49 @@ class TransportPath:
     def poll(self, now: float) -> list[RecvResult]:
         out = []
         with self._lock:
-            for tid, (fut, cancelled) in list(self._expects.items()):
-                if not fut.done():
+            for tid, (futs, cancelled) in list(self._expects.items()):
+                if not all(f.done() for f in futs):
                     continue
                 del self._expects[tid]
                 try:
-                    r = fut.result()
-                    out.append(RecvResult(tid, r.ok and cancelled is None, r.bytes, r.seconds, r.error or cancelled))
+                    rs = [f.result() for f in futs]
+                    errors = "; ".join(r.error for r in rs if r.error) or cancelled
+                    out.append(RecvResult(tid, all(r.ok for r in rs) and cancelled is None, sum(r.bytes for r in rs),
+                                          max(r.seconds for r in rs), errors))
                 except Exception as exc:
                     out.append(RecvResult(tid, False, error=f"{exc.__class__.__name__}: {exc}"))
         return out
 
-    def push(self, p: PushOrder, path: str) -> PushResult:
+    def _push_one(self, key: bytes, tid: str, path: str, copies: list[Any], deadline: float) -> PushResult:
         t0 = time.monotonic()
-        key = p.peers[self.rank]
         try:
             peer = self._peers.get(key)
             if peer is None:
                 peer = self._peers[key] = self.t.connect(key)
             use = path if path in peer.links else next(iter(peer.links))
-            remaining = max(0.05, p.deadline - time.monotonic())
-            r = self.t.push(peer, p.transfer_id, use, self._copies(p.src_blocks, p.dst_blocks), remaining).result(
-                remaining + 10.0)
+            remaining = max(0.05, deadline - time.monotonic())
+            r = self.t.push(peer, tid, use, copies, remaining).result(remaining + 10.0)
             if not r.ok:
                 self._peers.pop(key, None)
             return PushResult(r.ok, r.bytes, r.seconds, r.error)
         except Exception as exc:
             self._peers.pop(key, None)
             return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}")
+
+    def push(self, p: PushOrder, path: str) -> PushResult:
+        from kvlane.transport.ranks import route_transfer_id
+
+        if not self.routes:
+            return self._push_one(p.peers[self.rank], p.transfer_id, path,
+                                  self._copies(p.src_blocks, p.dst_blocks), p.deadline)
+        results = [
+            self._push_one(p.peers[r.d_rank], route_transfer_id(p.transfer_id, r), path,
+                           self._copies(p.src_blocks, p.dst_blocks, r), p.deadline)
+            for r in self.routes if r.p_rank == self.rank
+        ]
+        errors = "; ".join(r.error for r in results if r.error) or None
+        return PushResult(all(r.ok for r in results), sum(r.bytes for r in results),
+                          max((r.seconds for r in results), default=0.0), errors)
 
     def close(self) -> None:
         self.t.close()

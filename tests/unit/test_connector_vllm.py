@@ -417,3 +417,44 @@ def test_prometheus_series_from_stats():
     assert reg.get_sample_value("vllm:kvlane_lease_wait_seconds_sum", labels) == 0.5
     assert reg.get_sample_value("vllm:kvlane_transfers_by_path_total", {**labels, "path": "shm"}) == 2
     assert reg.get_sample_value("vllm:kvlane_failures_total", {**labels, "reason": "no_lease"}) == 1
+
+
+def test_transport_path_heterogeneous_tp_moves_head_slices():
+    """P at TP=1 (2 KV heads) -> D at TP=2 (1 head per rank): D rank r gets head r of every pushed block."""
+    from kvlane.connector.vllm.meta import PushOrder
+    from kvlane.connector.vllm.worker import TransportPath
+
+    src = _cache(1)  # [blocks, 2 heads, BS, HD2]
+    g = torch.Generator().manual_seed(5)
+    d_bufs = [torch.randn((2, NUM_BLOCKS, 1, BS, HD2), generator=g) for _ in range(2)]
+    dst = [{f"model.layers.{i}.self_attn": b[i] for i in range(2)} for b in d_bufs]
+    cfg_p = parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": "tcp", "peer_tp": 2})
+    cfg_d = parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": "tcp", "peer_tp": 1})
+    lp = PagedLayers(src, BS)
+    p = TransportPath(cfg_p, 0, 1, lp, [src[n] for n in lp.names])
+    ds = []
+    try:
+        for r in range(2):
+            ld = PagedLayers(dst[r], BS)
+            ds.append(TransportPath(cfg_d, r, 2, ld, [dst[r][n] for n in ld.names]))
+        for d in ds:
+            d.arm("hx", [9, 4], time.monotonic() + 20)
+        order = PushOrder("r1", "hx", [2, 3], [9, 4], time.monotonic() + 20, ["shm"], [d.descriptor() for d in ds])
+        res = p.push(order, "shm")
+        assert res.ok, res.error
+        assert res.bytes == 2 * 2 * 2 * BS * HD2 * 4  # 2 blocks x 2 layers x 2 heads, over both routes
+        for r, d in enumerate(ds):
+            (got,) = _until(lambda d=d: d.poll(time.monotonic()))
+            assert got.ok and got.bytes == res.bytes // 2
+            for name in src:
+                assert torch.equal(dst[r][name][9][0], src[name][2][r])
+                assert torch.equal(dst[r][name][4][0], src[name][3][r])
+    finally:
+        p.close()
+        for d in ds:
+            d.close()
+
+
+def test_peer_tp_requires_kvlane_transport():
+    with pytest.raises(ValueError, match="peer_tp"):
+        parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "peer_tp": 2})
