@@ -56,6 +56,8 @@ class RouterConfig:
     policy_timeout: float = 5.0
     #: Re-read the engine list from the policy at most this often (and whenever an engine id is unknown).
     engines_ttl: float = 5.0
+    #: Deadline of each engine's answer to GET /v1/models (the router asks all engines at once), seconds.
+    models_timeout: float = 5.0
     max_body_bytes: int = 8 << 20
 
 
@@ -200,18 +202,36 @@ class Router:
         return await self._handle(request, "chat", "/v1/chat/completions")
 
     async def models(self, request: web.Request) -> web.StreamResponse:
+        """The union of the registered engines' model lists (asked concurrently; the first entry seen for a
+        model id wins). 503 when no engine answers."""
         try:
             await self._refresh_endpoints()
         except PolicyError as exc:
             return self._policy_error(exc)
-        for engine_id, url in sorted(self._endpoints.items()):
+        headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
+        timeout = aiohttp.ClientTimeout(total=self.config.models_timeout)
+
+        async def one(engine_id: str, url: str) -> list[Any] | None:
             try:
-                async with self.session.get(url + "/v1/models") as resp:
-                    if resp.status == 200:
-                        return web.json_response(await resp.json())
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                async with self.session.get(url + "/v1/models", headers=headers, timeout=timeout) as resp:
+                    if resp.status != 200:
+                        log.debug("GET /v1/models on %s answered %d", engine_id, resp.status)
+                        return None
+                    data = (await resp.json(content_type=None)).get("data")
+                    return data if isinstance(data, list) else None
+            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, AttributeError) as exc:
                 log.debug("GET /v1/models on %s failed: %s", engine_id, exc)
-        return _error(503, "no registered engine answered /v1/models", "no_engine")
+                return None
+
+        answers = await asyncio.gather(*(one(e, u) for e, u in sorted(self._endpoints.items())))
+        if all(a is None for a in answers):
+            return _error(503, "no registered engine answered /v1/models", "no_engine")
+        models: dict[str, Any] = {}
+        for entries in answers:
+            for m in entries or []:
+                if isinstance(m, dict) and isinstance(m.get("id"), str):
+                    models.setdefault(m["id"], m)
+        return web.json_response({"object": "list", "data": list(models.values())})
 
     async def health(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -242,7 +262,23 @@ class Router:
         return _error(503, f"policy error ({code}): {exc}", "policy_error")
 
     async def _handle(self, request: web.Request, endpoint: RP.Endpoint, path: str) -> web.StreamResponse:
+        """Route one request; every answer carries `x-request-id` (the client's, else a fresh id that is also
+        the transfer id of a vLLM pair)."""
         self.metrics.requests.labels(endpoint=endpoint).inc()
+        try:
+            client_rid = RP.request_id(request.headers.get("x-request-id"))
+        except RP.BadRequest as exc:
+            self.metrics.errors.labels(reason="bad_request").inc()
+            return _error(400, str(exc), "invalid_request_error")
+        fresh = uuid.uuid4().hex
+        rid = client_rid or fresh
+        resp = await self._route(request, endpoint, path, fresh, rid, client_rid)
+        if not resp.prepared:
+            resp.headers["x-request-id"] = rid
+        return resp
+
+    async def _route(self, request: web.Request, endpoint: RP.Endpoint, path: str, transfer_id: str, rid: str,
+                     client_rid: str | None) -> web.StreamResponse:
         t0 = self.clock()
         try:
             raw = await request.read()
@@ -253,7 +289,6 @@ class Router:
             self.metrics.errors.labels(reason="bad_request").inc()
             return _error(400, str(exc), "invalid_request_error")
 
-        transfer_id = uuid.uuid4().hex
         try:
             decision: PairDecision = await self.policy.select_pair(
                 PairRequest(request_id=transfer_id, session_id=session,
@@ -282,6 +317,7 @@ class Router:
             "x-kvlane-pair": RP.pair_header(decision.prefill, decision.decode, decision.score, decision.sticky,
                                             decision.locality),
             "x-kvlane-transfer-id": transfer_id,
+            "x-request-id": rid,
         }
         if sglang:
             # SGLang's PD protocol: both halves carry the prefill's bootstrap host/port and one random room (the
@@ -305,6 +341,8 @@ class Router:
         fwd_headers = {"Content-Type": "application/json"}
         if "Authorization" in request.headers:
             fwd_headers["Authorization"] = request.headers["Authorization"]
+        if client_rid is not None:
+            fwd_headers["X-Request-Id"] = client_rid
         stream = bool(body.get("stream", False))
 
         self._load_change(decision.prefill, +1)
@@ -324,6 +362,13 @@ class Router:
             self._load_change(decision.decode, -1)
             self.metrics.latency.observe(self.clock() - t0)
 
+    def _broken(self, role: str, engine_id: str, url: str, exc: BaseException, where: str) -> EngineFailed:
+        """The error for an engine connection that failed: 504 when it hit the router's request timeout."""
+        if isinstance(exc, asyncio.TimeoutError):
+            return EngineFailed(f"{role} engine {engine_id} ({url}) did not answer {where} within the router's "
+                                f"request timeout of {self.config.request_timeout:g} s", status=504)
+        return EngineFailed(f"{role} engine {engine_id} ({url}) failed {where}: {exc.__class__.__name__}: {exc}")
+
     async def _prefill(self, engine_id: str, url: str, body: dict[str, Any], headers: dict[str, str]) -> None:
         """P's one-token request; raises EngineFailed on an error answer or a broken connection."""
         try:
@@ -332,13 +377,17 @@ class Router:
                 if resp.status != 200:
                     raise EngineFailed(f"prefill engine {engine_id} ({url}) answered {resp.status}: {text[:500]}")
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise EngineFailed(f"prefill engine {engine_id} ({url}) failed mid-request: "
-                               f"{exc.__class__.__name__}: {exc}") from None
+            raise self._broken("prefill", engine_id, url, exc, "mid-request") from None
 
     async def _race_prefill(self, p_task: asyncio.Future[None], work: asyncio.Future[Any]) -> Any:
         """Wait for `work` (D's part) but fail as soon as P fails: a failed prefill means D would wait for
-        KV that never comes. Once D has produced output, P's outcome no longer matters for this answer."""
-        done, _ = await asyncio.wait({p_task, work}, return_when=asyncio.FIRST_COMPLETED)
+        KV that never comes. Once D has produced output, P's outcome no longer matters for this answer.
+        If the handler is cancelled (the client went away), D's request is cancelled too (the caller cancels P's)."""
+        try:
+            done, _ = await asyncio.wait({p_task, work}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
         if work in done:
             return work.result()
         exc = p_task.exception()
@@ -356,8 +405,7 @@ class Router:
                 async with self.session.post(url, json=body, headers=headers) as resp:
                     return resp.status, await resp.read(), resp.headers.get("Content-Type", "application/json")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise EngineFailed(f"decode engine {engine_id} ({url}) failed mid-request: "
-                                   f"{exc.__class__.__name__}: {exc}") from None
+                raise self._broken("decode", engine_id, url, exc, "mid-request") from None
 
         try:
             status, payload, ctype = await self._race_prefill(p_task, asyncio.ensure_future(call()))
@@ -375,7 +423,7 @@ class Router:
                              headers: dict[str, str], p_task: asyncio.Future[None], out_headers: dict[str, str],
                              t0: float) -> web.StreamResponse:
         def broken(exc: BaseException, where: str) -> EngineFailed:
-            return EngineFailed(f"decode engine {engine_id} ({url}) failed {where}: {exc.__class__.__name__}: {exc}")
+            return self._broken("decode", engine_id, url, exc, where)
 
         async def first() -> tuple[aiohttp.ClientResponse, bytes]:
             """Open D's stream and read its first bytes (until then an error can still be a clean HTTP error)."""
@@ -426,9 +474,9 @@ class Router:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     # Headers are gone: tell the client in-band, the way OpenAI-style streams carry errors.
                     self.metrics.errors.labels(reason="decode_failed").inc()
-                    msg = str(broken(exc, "mid-stream"))
-                    log.warning(msg)
-                    err = {"error": {"message": msg, "type": "decode_failed", "code": 502}}
+                    failed = broken(exc, "mid-stream")
+                    log.warning(str(failed))
+                    err = {"error": {"message": str(failed), "type": "decode_failed", "code": failed.status}}
                     with contextlib.suppress(Exception):
                         await out.write(f"data: {json.dumps(err)}\n\n".encode())
                     break
@@ -462,7 +510,9 @@ async def serve(router: Router, host: str = "127.0.0.1", port: int = 8000, *, re
     warning = exposure_warning(host)
     if warning is not None:
         log.warning(warning)
-    runner = web.AppRunner(router.app(), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which closes both engine requests
+    # (vLLM and SGLang abort a request whose client left), instead of generating for nobody.
+    runner = web.AppRunner(router.app(), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

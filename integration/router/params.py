@@ -81,6 +81,16 @@ def client_kv_params(body: dict[str, Any]) -> dict[str, Any]:
     return dict(params)
 
 
+def request_id(header: str | None) -> str | None:
+    """The client's `x-request-id` (passed to both engines and echoed back), or None when absent; it must be
+    1..256 visible ASCII characters."""
+    if header is None:
+        return None
+    if not 0 < len(header) <= 256 or not all("!" <= c <= "~" for c in header):
+        raise BadRequest("header 'x-request-id' must be 1 to 256 visible ASCII characters (no spaces)")
+    return header
+
+
 def session_id(header: str | None, body: dict[str, Any]) -> str | None:
     """The session a request belongs to: header `x-session-id`, else the body's `user`, else None.
     Values that are not policy names (spaces, >200 chars, ...) are mapped to a stable `s-<sha256 prefix>`,

@@ -16,6 +16,7 @@ from kvlane.integration.launch import free_port
 from kvlane.integration.policy_service import EmbeddedPolicy, PolicyClient
 from kvlane.integration.router import Router, RouterConfig, exposure_warning, serve
 from kvlane.policy.types import EngineInfo, Role
+from multidict import CIMultiDict
 
 core = pytest.importorskip("kvlane.policy.core")
 topology = pytest.importorskip("kvlane.policy.topology")
@@ -31,6 +32,8 @@ class FakeEngine:
     name: str
     mode: str = "ok"
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    headers: list[CIMultiDict[str]] = field(default_factory=list)
+    model: str = "tiny"
     cancelled: int = 0
     url: str = ""
     runner: web.AppRunner | None = None
@@ -38,6 +41,7 @@ class FakeEngine:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append((request.path, body))
+        self.headers.append(CIMultiDict(request.headers))
         if self.mode == "error400":
             return web.json_response({"error": {"message": f"{self.name}: bad max_tokens"}}, status=400)
         if self.mode == "error500":
@@ -66,7 +70,9 @@ class FakeEngine:
                                   "choices": [{"text": f"from {self.name}"}]})
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"object": "list", "data": [{"id": "tiny"}]})
+        if self.mode == "error500":
+            return web.json_response({"error": {"message": "down"}}, status=500)
+        return web.json_response({"object": "list", "data": [{"id": self.model, "owned_by": self.name}]})
 
     async def start(self) -> FakeEngine:
         app = web.Application()
@@ -91,15 +97,16 @@ class Stack:
     async def post(self, path: str, body: Any, headers: dict[str, str] | None = None):
         data = body if isinstance(body, (bytes, str)) else json.dumps(body)
         async with aiohttp.ClientSession() as s, s.post(self.base + path, data=data, headers=headers) as r:
-            return r.status, await r.read(), dict(r.headers)
+            return r.status, await r.read(), CIMultiDict(r.headers)
 
     def served(self, role: str) -> list[FakeEngine]:
         return [e for n, e in self.engines.items() if n.startswith(role) and e.received]
 
 
-async def _router_server(policy: Any, addr: str = POLICY_ADDR) -> tuple[Router, web.AppRunner, str]:
-    router = Router(policy, RouterConfig(policy_addr=addr, policy_timeout=2.0, request_timeout=20.0))
-    runner = web.AppRunner(router.app())
+async def _router_server(policy: Any, addr: str = POLICY_ADDR,
+                         request_timeout: float = 20.0) -> tuple[Router, web.AppRunner, str]:
+    router = Router(policy, RouterConfig(policy_addr=addr, policy_timeout=2.0, request_timeout=request_timeout))
+    runner = web.AppRunner(router.app(), handler_cancellation=True)  # as serve() runs it
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -468,3 +475,83 @@ async def test_loopback_binds_without_a_warning(caplog, host):
     await policy.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert any("router listening on http://127.0.0.1:" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------- what router users expect
+
+
+async def test_models_is_the_union_of_the_engines_lists(stack):
+    stack.engines["d1"].model = "big"
+    stack.engines["p1"].mode = "error500"  # one engine failing does not hide the others
+    async with aiohttp.ClientSession() as s, s.get(stack.base + "/v1/models") as r:
+        assert r.status == 200
+        listing = await r.json()
+    assert listing["object"] == "list"
+    # engines are asked in name order and the first entry of an id wins: "tiny" comes from d0
+    assert listing["data"] == [{"id": "tiny", "owned_by": "d0"}, {"id": "big", "owned_by": "d1"}]
+    for e in stack.engines.values():
+        e.mode = "error500"
+    async with aiohttp.ClientSession() as s, s.get(stack.base + "/v1/models") as r:
+        assert r.status == 503 and "no registered engine answered" in (await r.json())["error"]["message"]
+
+
+async def test_request_id_is_passed_to_both_engines_and_echoed(stack):
+    status, _, headers = await stack.post("/v1/completions", {"prompt": "hi"}, headers={"x-request-id": "req-42"})
+    assert status == 200 and headers["x-request-id"] == "req-42"
+    [p] = stack.served("p")
+    [d] = stack.served("d")
+    assert p.headers[0]["X-Request-Id"] == d.headers[0]["X-Request-Id"] == "req-42"
+    # no max_tokens from the client: D uses the engine's default, P still makes exactly one token
+    assert "max_tokens" not in d.received[0][1] and p.received[0][1]["max_tokens"] == 1
+    # without one, the answer names the transfer id and the engines get no X-Request-Id from the router
+    status, _, headers = await stack.post("/v1/completions", {"prompt": "hi", "stream": True})
+    assert status == 200 and headers["x-request-id"] == headers["x-kvlane-transfer-id"]
+    later = [h for e in stack.engines.values() for h in e.headers if h is not p.headers[0] and h is not d.headers[0]]
+    assert len(later) == 2 and all("X-Request-Id" not in h for h in later)
+    # errors carry it too; a malformed one is refused
+    status, _, headers = await stack.post("/v1/completions", b"{", headers={"x-request-id": "r-bad-body"})
+    assert status == 400 and headers["x-request-id"] == "r-bad-body"
+    status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi"}, headers={"x-request-id": "x" * 300})
+    assert status == 400 and "x-request-id" in json.loads(payload)["error"]["message"]
+
+
+async def test_engine_timeout_is_504_naming_the_engine_and_the_limit():
+    engines = {n: await FakeEngine(n).start() for n in ("p0", "d0")}
+    engines["d0"].mode = "slow"
+    policy = EmbeddedPolicy(core.Policy(topology.load_topology("loopback:gpus=2")))
+    for i, (name, eng) in enumerate(engines.items()):
+        await policy.register_engine(EngineInfo(engine_id=name, role=Role.PREFILL if i == 0 else Role.DECODE,
+                                                gpus=[f"n0.g{i}"], endpoints={"http": eng.url}))
+    router, runner, base = await _router_server(policy, request_timeout=1.0)
+    stack = Stack(engines, router, base, policy)
+    try:
+        for stream in (False, True):
+            status, payload, _ = await stack.post("/v1/completions", {"prompt": "hi", "stream": stream})
+            assert status == 504, payload
+            msg = json.loads(payload)["error"]["message"]
+            assert msg.startswith("decode engine d0 (") and "request timeout of 1 s" in msg
+    finally:
+        await runner.cleanup()
+        await policy.close()
+        for e in engines.values():
+            await e.runner.cleanup()
+    assert router.inflight() == {"p0": 0, "d0": 0}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_cancels_the_engine_requests(stack, stream):
+    for n in ("d0", "d1"):
+        stack.engines[n].mode = "slow"
+    for n in ("p0", "p1"):
+        stack.engines[n].mode = "slow"
+    with pytest.raises(asyncio.TimeoutError):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.5)) as s:
+            await s.post(stack.base + "/v1/completions", json={"prompt": "hi", "stream": stream})
+    for _ in range(100):
+        if sum(e.cancelled for e in stack.engines.values()) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert sorted(e.name for e in stack.engines.values() if e.cancelled) == sorted(
+        e.name for e in stack.engines.values() if e.received)
+    assert sum(e.cancelled for e in stack.engines.values()) == 2
+    assert set(stack.router.inflight().values()) == {0}
