@@ -6,11 +6,19 @@ Used from the vLLM worker process through `KVTransport`; it never decides pairs,
 from .config import HeteroTP, PathConfig, TransportConfig
 from .core import KVTransport, PeerHandle, RankMismatchError
 from .ranks import BlockShape, HeadRoute, block_copies, head_routes
-from .types import BlockCopy, LayoutMismatchError, PeerError, TransferResult, TransportError, coalesce
+from .types import (
+    AuthError,
+    BlockCopy,
+    LayoutMismatchError,
+    PeerError,
+    TransferResult,
+    TransportError,
+    coalesce,
+)
 from .wire import WireError
 
 __all__ = [
-    "BlockCopy", "BlockShape", "HeadRoute", "HeteroTP", "KVTransport", "LayoutMismatchError", "PathConfig",
+    "AuthError", "BlockCopy", "BlockShape", "HeadRoute", "HeteroTP", "KVTransport", "LayoutMismatchError", "PathConfig",
     "PeerError", "PeerHandle", "RankMismatchError", "TransferResult", "TransportConfig", "TransportError",
     "WireError", "block_copies", "coalesce", "head_routes",
 ]

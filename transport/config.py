@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, field_validator
+
+from .auth import env_secret
 
 #: Settings every UCX context gets unless the path overrides them (FACTS.md: keeps peer error handling
 #: and shared memory together; keeps stdout clean).
@@ -15,6 +17,10 @@ UCX_BASE_ENV = {
     "UCX_MM_ERROR_HANDLING": "y",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
+
+
+def _secret_or_none(value: bytes | None) -> SecretBytes | None:
+    return SecretBytes(value) if value else None
 
 
 class PathConfig(BaseModel):
@@ -80,6 +86,17 @@ class TransportConfig(BaseModel):
     ucx_progress_mode: Literal["blocking", "thread"] = "thread"
     #: Extra process-wide UCX env (applied with setdefault before ucxx is imported).
     ucx_env: dict[str, str] = Field(default_factory=lambda: dict(UCX_BASE_ENV))
+    #: Shared secret of the deployment (default: $KVLANE_SECRET, like the policy clients; None = no
+    #: authentication). When set, every handshake is an HMAC challenge-response in both directions and
+    #: peers without the same secret are refused (docs/transport.md, "Authentication"). Never shown in repr.
+    secret: SecretBytes | None = Field(default_factory=lambda: _secret_or_none(env_secret()))
+
+    @field_validator("secret")
+    @classmethod
+    def _non_empty(cls, v: SecretBytes | None) -> SecretBytes | None:
+        if v is not None and not v.get_secret_value():
+            raise ValueError("an empty secret is not a secret; pass None to disable authentication")
+        return v
 
     @field_validator("paths")
     @classmethod

@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from . import ranks
+from . import auth, ranks
 from .config import TransportConfig
 from .memory import Region, as_region, span
 from .types import (
+    AuthError,
     BlockCopy,
     LayoutMismatchError,
     PeerError,
@@ -30,6 +31,8 @@ from .types import (
 )
 from .wire import (
     MAX_RUNS,
+    Auth,
+    Challenge,
     Data,
     Descriptor,
     Done,
@@ -110,6 +113,33 @@ class _HeldOffer:
     timer: asyncio.TimerHandle
 
 
+@dataclass(eq=False)
+class _Pending:
+    """Receiver side: a hello waiting for the AUTH answer to our challenge ``nonce`` (single use)."""
+
+    link: Link
+    path: str
+    desc: Descriptor
+    descriptor: bytes  # the hello's descriptor bytes, as MACed
+    sender_nonce: bytes
+    nonce: bytes
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Session:
+    """One authenticated handshake: the key that MACs offers, and its offer sequence numbers."""
+
+    key: bytes
+    seqs: auth.SeqWindow = field(default_factory=auth.SeqWindow)
+    next_seq: int = 0
+
+
+def _addr(link: Link) -> str:
+    """The peer's network address for logs (tcp: host:port; ucx: the endpoint's claimed owner)."""
+    return getattr(link, "peer_addr", None) or f"the endpoint of {link.peer_key}"
+
+
 class RankMismatchError(ranks.RankMismatchError, TransportError):
     """Raised by connect()/push() for a peer of another TP rank without a configured mapping."""
 
@@ -134,6 +164,11 @@ class KVTransport:
         self._offers: dict[str, _HeldOffer] = {}
         self._waiters: dict[str, asyncio.Queue[Wire]] = {}
         self._reconnecting: dict[tuple[str, str], asyncio.Lock] = {}
+        secret = self.config.secret
+        self._secret: bytes | None = secret.get_secret_value() if secret is not None else None
+        self._pending: dict[bytes, _Pending] = {}  # receiver: challenge nonce → hello awaiting its AUTH
+        self._rx_sessions: dict[tuple[str, str], _Session] = {}  # receiver: (path, sender key) → session
+        self._tx_sessions: dict[Link, _Session] = {}  # sender: our link → session
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvlane-transport-{self.key}",
@@ -363,6 +398,10 @@ class KVTransport:
         for held in list(self._offers.values()):
             held.timer.cancel()
         self._offers.clear()
+        for pend in list(self._pending.values()):
+            if pend.timer is not None:
+                pend.timer.cancel()
+        self._pending.clear()
         async def stop(b: Backend) -> None:
             try:
                 await asyncio.wait_for(b.stop(), 5.0)
@@ -378,11 +417,18 @@ class KVTransport:
     async def _open(self, path: str, desc: Descriptor) -> Link:
         q = self._waiters.setdefault(f"hello:{path}:{desc.key}", asyncio.Queue())
         link = None
+        mine = self.descriptor()
+        nonce = auth.new_nonce() if self._secret is not None else None
         try:
             link = await asyncio.wait_for(
-                self._backends[path].open(desc.key, desc.paths[path], Hello(descriptor=self.descriptor())),
+                self._backends[path].open(desc.key, desc.paths[path], Hello(descriptor=mine, nonce=nonce)),
                 self.config.connect_timeout_s)
             reply = await _next(q, link, self.config.connect_timeout_s)
+            if isinstance(reply, Challenge):
+                reply = await self._answer(path, desc, link, q, mine, nonce, reply)
+            elif isinstance(reply, HelloOk) and self._secret is not None:
+                raise AuthError(f"peer {desc.key} accepted us on path {path!r} without authentication: it has no "
+                                "shared secret configured and we do; refusing to move KV to an unauthenticated peer")
         except BaseException as exc:
             if link is not None:
                 link.close()
@@ -398,6 +444,27 @@ class KVTransport:
             link.close()
             raise _raise_type(reply.error)(f"peer {desc.key} refused the handshake: {reply.error}")
         return link
+
+    async def _answer(self, path: str, desc: Descriptor, link: Link, q: asyncio.Queue[Wire], mine: bytes,
+                      nonce: bytes | None, challenge: Challenge) -> Wire:
+        """Sender side of an authenticated handshake: answer the challenge, check the receiver's proof."""
+        if self._secret is None or nonce is None:
+            raise AuthError(f"peer {desc.key} requires authentication on path {path!r} (it has a shared secret, "
+                            "we have none): configure the same secret on both sides (TransportConfig.secret or "
+                            "$KVLANE_SECRET)")
+        if challenge.key != desc.key:
+            raise AuthError(f"challenge on the link to {desc.key} names {challenge.key!r}")
+        mac = auth.sender_mac(self._secret, challenge.nonce, nonce, mine, desc.key, path)
+        await link.send_ctrl(Auth(key=self.key, nonce=challenge.nonce, mac=mac))
+        reply = await _next(q, link, self.config.connect_timeout_s)
+        if isinstance(reply, HelloOk):
+            proof = auth.receiver_mac(self._secret, nonce, challenge.nonce, mine, desc.key, path)
+            if not auth.check(proof, reply.mac):
+                raise AuthError(f"peer {desc.key} accepted us on path {path!r} but could not prove the shared "
+                                "secret (wrong secret on one side?); refusing to move KV to it")
+            self._tx_sessions[link] = _Session(
+                auth.session_key(self._secret, challenge.nonce, nonce, mine, desc.key, path))
+        return reply
 
     # sender
 
@@ -424,8 +491,16 @@ class KVTransport:
                 link = peer.links[path]
                 stage[0] = "offer"
             tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
-            await link.send_ctrl(Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
-                                       runs=[(r.region, r.dst_offset, r.nbytes) for r in runs]))
+            offer = Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
+                          runs=[(r.region, r.dst_offset, r.nbytes) for r in runs])
+            if self._secret is not None:
+                sess = self._tx_sessions.get(link)
+                if sess is None:
+                    raise AuthError(f"the link to {link.peer_key} has no authenticated session")
+                offer = offer.model_copy(update={"seq": sess.next_seq})
+                sess.next_seq += 1
+                offer = offer.model_copy(update={"mac": auth.offer_mac(sess.key, offer.to_msgpack())})
+            await link.send_ctrl(offer)
             stage[0] = "waiting for the receiver to arm"
             reply = await _next(q, link, None)
             if isinstance(reply, (Reject, Fail)):
@@ -574,13 +649,93 @@ class KVTransport:
             desc = Descriptor.from_msgpack(hello.descriptor)
             self._check_peer(desc)
         except Exception as exc:
+            if self._secret is not None:
+                log.warning("kvlane transport %s: refused a hello from %s on path %s: %s", self.key, _addr(link),
+                            path, exc)
             self._reply(link, HelloErr(key=self.key, error=f"{type(exc).__name__}: {exc}"))
             return None
-        self._reply(link, HelloOk(key=self.key))
-        return desc
+        if self._secret is None:
+            self._reply(link, HelloOk(key=self.key))
+            return desc
+        if hello.nonce is None:
+            self._refuse(link, path, f"AuthError: {self.key} requires authentication and the hello from {desc.key} "
+                                     "carries no nonce (no shared secret configured on the sender?)")
+            return None
+        nonce = auth.new_nonce()
+        pend = _Pending(link, path, desc, hello.descriptor, hello.nonce, nonce)
+        pend.timer = self._loop.call_later(self.config.connect_timeout_s, self._auth_timeout, nonce)
+        self._pending[nonce] = pend
+        self._reply(link, Challenge(key=self.key, nonce=nonce))
+        return None  # identified only once the AUTH checks out (on_auth)
+
+    def on_auth(self, link: Link | None, path: str, msg: Auth) -> tuple[Link, Descriptor] | None:
+        """Check a sender's answer to our challenge. ``link`` is the connection it came on (tcp) or None
+        (ucx: control messages arrive on the worker). Returns the now authenticated link and descriptor."""
+        pend = self._pending.get(msg.nonce)
+        if pend is None or pend.path != path or pend.desc.key != msg.key or (link is not None and pend.link is not link):
+            where = _addr(link) if link is not None else f"a ucx endpoint claiming {msg.key}"
+            why = ("AuthError: answer to an unknown or already used challenge (replayed?)" if pend is None
+                   else "AuthError: answer to a challenge sent to another connection (replayed?)")
+            if link is not None:
+                self._refuse(link, path, why)
+            else:
+                log.warning("kvlane transport %s: refused an AUTH from %s on path %s: %s", self.key, where, path, why)
+            return None
+        del self._pending[msg.nonce]
+        if pend.timer is not None:
+            pend.timer.cancel()
+        assert self._secret is not None
+        bind = (pend.descriptor, self.key, path)
+        if not auth.check(auth.sender_mac(self._secret, pend.nonce, pend.sender_nonce, *bind), msg.mac):
+            self._refuse(pend.link, path, f"AuthError: the handshake answer from {msg.key} does not prove our shared "
+                                          "secret (wrong secret on one side?)")
+            return None
+        self._rx_sessions[(path, pend.desc.key)] = _Session(
+            auth.session_key(self._secret, pend.nonce, pend.sender_nonce, *bind))
+        self._reply(pend.link, HelloOk(key=self.key, mac=auth.receiver_mac(
+            self._secret, pend.sender_nonce, pend.nonce, *bind)))
+        log.info("kvlane transport %s: %s authenticated on path %s", self.key, pend.desc.key, path)
+        return pend.link, pend.desc
+
+    def _auth_timeout(self, nonce: bytes) -> None:
+        pend = self._pending.pop(nonce, None)
+        if pend is not None:
+            log.warning("kvlane transport %s: %s (claiming %s) did not answer the challenge on path %s within %ss; "
+                        "closing", self.key, _addr(pend.link), pend.desc.key, pend.path, self.config.connect_timeout_s)
+            pend.link.close()
+
+    def _refuse(self, link: Link, path: str, error: str) -> None:
+        """Refuse an unauthenticated peer: log it with its address, tell it why, close its link."""
+        log.warning("kvlane transport %s: refused %s on path %s: %s; closing", self.key, _addr(link), path, error)
+
+        async def tell_then_close() -> None:
+            try:
+                await asyncio.wait_for(link.send_ctrl(HelloErr(key=self.key, error=error[:4000])), 1.0)
+                await asyncio.sleep(0.1)  # let the refusal reach the peer before the close does
+            except Exception as exc:
+                log.info("kvlane transport %s: refusal to %s not delivered: %s", self.key, _addr(link), exc)
+            finally:
+                link.close()
+
+        asyncio.ensure_future(tell_then_close())
+
+    def _offer_refusal(self, link: Link, path: str, offer: Offer) -> str | None:
+        """Why an offer may not arm receives (secret set), or None if it comes from an authenticated session."""
+        sess = self._rx_sessions.get((path, offer.sender))
+        if sess is None:
+            return "no authenticated handshake with that sender on this path"
+        if link.peer_key != offer.sender:
+            return f"it arrived on the link of {link.peer_key}"
+        if offer.seq is None or offer.mac is None:
+            return "it carries no session MAC"
+        if not auth.check(auth.offer_mac(sess.key, offer.model_copy(update={"mac": None}).to_msgpack()), offer.mac):
+            return "its session MAC is wrong"
+        if not sess.seqs.accept(offer.seq):
+            return f"its sequence number {offer.seq} was already used (replayed?)"
+        return None
 
     def on_control(self, link: Link | None, path: str, msg: Wire) -> None:
-        if isinstance(msg, (HelloOk, HelloErr)):
+        if isinstance(msg, (HelloOk, HelloErr, Challenge)):
             q = self._waiters.get(f"hello:{path}:{msg.key}")
         elif isinstance(msg, Offer):
             if link is None:
@@ -597,6 +752,12 @@ class KVTransport:
             q.put_nowait(msg)
 
     def _on_offer(self, link: Link, path: str, offer: Offer) -> None:
+        if self._secret is not None:
+            why = self._offer_refusal(link, path, offer)
+            if why is not None:  # nothing is armed, nothing answered: the offer never happened
+                log.warning("kvlane transport %s: refused offer %s (claiming sender %s) from %s on path %s: %s",
+                            self.key, offer.tid, offer.sender, _addr(link), path, why)
+                return
         e = self._expects.get(offer.tid)
         if e is not None and e.state == "waiting":
             self._bind(e, link, offer, path)
@@ -613,6 +774,12 @@ class KVTransport:
         self._offers[offer.tid] = _HeldOffer(link, offer, path, self._loop.call_later(hold, drop))
 
     def on_link_dead(self, link: Link, reason: str) -> None:
+        self._tx_sessions.pop(link, None)
+        for nonce, pend in list(self._pending.items()):
+            if pend.link is link:
+                if pend.timer is not None:
+                    pend.timer.cancel()
+                del self._pending[nonce]
         for e in list(self._expects.values()):
             if e.link is link and e.state == "receiving":
                 link.disarm(e.tid)
@@ -671,6 +838,8 @@ def _raise_type(error: str) -> type[Exception]:
         return RankMismatchError
     if error.startswith("LayoutMismatchError"):
         return LayoutMismatchError
+    if error.startswith("AuthError"):
+        return AuthError
     return PeerError
 
 

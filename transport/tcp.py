@@ -15,7 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .wire import MAX_CONTROL_BYTES, Data, Hello, PathAddress, Wire, WireError, decode_control, encode_control
+from .wire import (
+    MAX_CONTROL_BYTES,
+    Auth,
+    Data,
+    Hello,
+    PathAddress,
+    Wire,
+    WireError,
+    decode_control,
+    encode_control,
+)
 
 if TYPE_CHECKING:
     from .core import KVTransport
@@ -56,7 +66,12 @@ class TcpLink:
         self.backend = backend
         self.sock = sock
         self.peer_key = peer_key or "<unidentified>"
-        self._identified = peer_key is not None
+        self._identified = peer_key is not None  # accepted links: only after the hello (and AUTH) check out
+        try:
+            host, port = sock.getpeername()[:2]
+            self.peer_addr = f"{host}:{port}"
+        except OSError:
+            self.peer_addr = "<unknown address>"
         self.loop = asyncio.get_running_loop()
         self.dead: asyncio.Future[str] = self.loop.create_future()
         self._wlock = asyncio.Lock()
@@ -134,7 +149,13 @@ class TcpLink:
                     desc = self.backend.core.on_hello(self, self.backend.path, msg)
                     if desc is not None:
                         self.peer_key, self._identified = desc.key, True
+                elif isinstance(msg, Auth):
+                    got = self.backend.core.on_auth(self, self.backend.path, msg)
+                    if got is not None:
+                        self.peer_key, self._identified = got[1].key, True
                 elif not self._identified:
+                    log.warning("tcp path %s of %s: refused %r from %s before a completed handshake; closing",
+                                self.backend.path, self.backend.core.key, msg.t, self.peer_addr)
                     raise WireError(f"{msg.t!r} before a successful hello")
                 else:
                     self.backend.core.on_control(self, self.backend.path, msg)

@@ -21,6 +21,10 @@ class PeerError(TransportError):
     """The peer is unreachable, refused the handshake, or its link broke."""
 
 
+class AuthError(PeerError):
+    """The handshake's shared-secret check failed: wrong or missing secret on one side, or a replayed answer."""
+
+
 @dataclass(frozen=True)
 class BlockCopy:
     """Copy ``nbytes`` from byte ``src_offset`` of the sender's region ``region`` to byte ``dst_offset``

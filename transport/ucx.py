@@ -20,6 +20,7 @@ import numpy as np
 from .config import PathConfig
 from .wire import (
     MAX_CONTROL_BYTES,
+    Auth,
     Descriptor,
     Hello,
     Offer,
@@ -234,14 +235,19 @@ class UcxBackend:
             addr = desc.paths.get(self.path)
             if addr is None or addr.ucx_address is None:
                 raise WireError(f"hello from {desc.key} carries no UCX address for path {self.path!r}")
-            old = self._reverse.pop(desc.key, None)
-            if old is not None:
-                old.close()
             link = UcxLink(self, desc.key, await self._endpoint(addr.ucx_address))
             self._links.add(link)
             if self.core.on_hello(link, self.path, msg) is not None:
-                self._reverse[desc.key] = link
-                self._senders[desc.key] = addr.ucx_address
+                self._adopt(link, desc.key, addr.ucx_address)
+            # with a secret the new link waits for the AUTH (core closes it if none comes); offers from
+            # this sender keep using the previous authenticated link until then
+        elif isinstance(msg, Auth):
+            got = self.core.on_auth(None, self.path, msg)
+            if got is not None:
+                link, desc = got
+                address = desc.paths[self.path].ucx_address
+                assert address is not None  # checked on the hello
+                self._adopt(link, desc.key, address)
         elif isinstance(msg, Offer):
             link = self._reverse.get(msg.sender)
             if link is None and msg.sender in self._senders:
@@ -251,6 +257,14 @@ class UcxBackend:
             self.core.on_control(link, self.path, msg)
         else:
             self.core.on_control(None, self.path, msg)
+
+    def _adopt(self, link: UcxLink, key: str, address: bytes) -> None:
+        """``link`` (an accepted hello) becomes the one offers from ``key`` arm receives on."""
+        old = self._reverse.pop(key, None)
+        if old is not None and old is not link:
+            old.close()
+        self._reverse[key] = link
+        self._senders[key] = address
 
     def top_up(self) -> None:
         """Refill ucxx's pool of Python futures before a request (thread mode): its notifier refills it

@@ -49,7 +49,9 @@ class Wire(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     def to_msgpack(self) -> bytes:
-        return msgpack.packb(self.model_dump(mode="python"), use_bin_type=True)
+        # unset optional fields (all default to None) stay off the wire: without a secret the frames are
+        # byte-identical to those of peers that predate authentication
+        return msgpack.packb(self.model_dump(mode="python", exclude_none=True), use_bin_type=True)
 
 
 class PathAddress(Wire):
@@ -94,14 +96,41 @@ class Descriptor(Wire):
 
 # ---- control messages (one envelope, discriminated by "t") ----
 
+Nonce = Annotated[bytes, Field(min_length=16, max_length=64)]
+Mac = Annotated[bytes, Field(min_length=32, max_length=32)]
+
+
 class Hello(Wire):
+    """Sender → receiver. ``nonce`` is set when the sender has a shared secret (its challenge to the receiver)."""
+
     t: Literal["hello"] = "hello"
     descriptor: bytes = Field(max_length=MAX_DESCRIPTOR_BYTES)
+    nonce: Nonce | None = None
+
+
+class Challenge(Wire):
+    """Receiver → sender (receiver has a secret): answer with `Auth` over this fresh, single-use nonce."""
+
+    t: Literal["challenge"] = "challenge"
+    key: Ident
+    nonce: Nonce
+
+
+class Auth(Wire):
+    """Sender → receiver: HMAC answer to the challenge ``nonce`` (see `kvlane.transport.auth`)."""
+
+    t: Literal["auth"] = "auth"
+    key: Ident
+    nonce: Nonce
+    mac: Mac
 
 
 class HelloOk(Wire):
+    """Receiver → sender: accepted; ``mac`` proves the receiver's secret when authentication is on."""
+
     t: Literal["hello_ok"] = "hello_ok"
     key: Ident
+    mac: Mac | None = None
 
 
 class HelloErr(Wire):
@@ -120,6 +149,9 @@ class Offer(Wire):
     runs: list[tuple[NonNeg, NonNeg, Pos]] = Field(min_length=1, max_length=MAX_RUNS)
     tag_base: NonNeg = 0
     wait_s: float = Field(ge=0, allow_inf_nan=False)
+    #: With a shared secret: a number used once per session, and the session MAC over the rest of the offer.
+    seq: NonNeg | None = None
+    mac: Mac | None = None
 
 
 class Ready(Wire):
@@ -156,7 +188,8 @@ class Data(Wire):
     nbytes: Pos
 
 
-Control = Annotated[Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data, Field(discriminator="t")]
+Control = Annotated[Hello | Challenge | Auth | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data,
+                    Field(discriminator="t")]
 _CONTROL = TypeAdapter(Control)
 
 
@@ -169,7 +202,8 @@ def encode_control(msg: Wire) -> bytes:
     return data
 
 
-def decode_control(data: bytes) -> Hello | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail | Data:
+def decode_control(data: bytes) -> (Hello | Challenge | Auth | HelloOk | HelloErr | Offer | Ready | Reject | Done | Fail
+                                    | Data):
     obj = _unpack(data, MAX_CONTROL_BYTES, "control message")
     try:
         return _CONTROL.validate_python(obj)
