@@ -45,6 +45,10 @@ def parse_body(raw: bytes, endpoint: Endpoint, max_bytes: int) -> dict[str, Any]
             raise BadRequest("missing field 'prompt'")
         if not isinstance(prompt, (str, list)) or (isinstance(prompt, (str, list)) and len(prompt) == 0):
             raise BadRequest("field 'prompt' must be a non-empty string or list")
+        if isinstance(prompt, list) and len(prompt) > 1 and not all(isinstance(t, int) for t in prompt):
+            # A batch would make the engine run several requests under one transfer id (one bootstrap room).
+            raise BadRequest(f"field 'prompt' holds a batch of {len(prompt)} prompts: the P/D router serves one "
+                             "prompt per request (send them as separate requests)")
     else:
         messages = body.get("messages")
         if messages is None:

@@ -183,6 +183,8 @@ async def test_sticky_session_keeps_its_decode_engine(stack):
         ("/v1/chat/completions", {"messages": []}, "'messages' must be a non-empty list"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "'max_tokens' must be an integer >= 1"),
         ("/v1/completions", {"prompt": "hi", "n": 2}, "n=1"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "a batch of 2 prompts"),
+        ("/v1/completions", {"prompt": [[1, 2], [3]]}, "a batch of 2 prompts"),
         ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"transfer_id": "x"}},
          "kv_transfer_params.transfer_id is set by the router"),
         ("/v1/completions", {"prompt": "hi", "kv_transfer_params": {"decode": "d1"}},

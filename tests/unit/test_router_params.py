@@ -1,5 +1,7 @@
 """The router's request parsing refuses hostile bodies with a 400-class error, never an exception."""
 
+import json
+
 import pytest
 from kvlane.integration.router.params import BadRequest, parse_body
 
@@ -8,3 +10,10 @@ def test_deeply_nested_json_is_a_bad_request() -> None:
     raw = b'{"prompt": ' + b"[" * 3000 + b"1" + b"]" * 3000 + b"}"
     with pytest.raises(BadRequest, match="nested too deeply"):
         parse_body(raw, "completions", 8 << 20)
+
+
+def test_one_prompt_per_request_batches_are_refused() -> None:
+    for one in (["one prompt"], [1, 2, 3], [[1, 2, 3]]):
+        assert parse_body(json.dumps({"prompt": one}).encode(), "completions", 1 << 20)["prompt"] == one
+    with pytest.raises(BadRequest, match="a batch of 3 prompts"):
+        parse_body(b'{"prompt": ["a", [1], "c"]}', "completions", 1 << 20)
