@@ -44,6 +44,8 @@ log = logging.getLogger("kvlane.router")
 
 #: Service-layer error codes that mean "the policy service cannot be reached / did not answer".
 _UNREACHABLE_CODES = {"connection_lost", "call_timeout", "timeout", "busy", "auth_failed"}
+#: Client headers forwarded to both engines as they are (besides Authorization and X-Request-Id).
+_PASSED_HEADERS = ("traceparent", "tracestate")
 
 
 @dataclass
@@ -343,6 +345,9 @@ class Router:
             fwd_headers["Authorization"] = request.headers["Authorization"]
         if client_rid is not None:
             fwd_headers["X-Request-Id"] = client_rid
+        for name in _PASSED_HEADERS:  # W3C trace context: vLLM/SGLang continue the client's trace
+            if name in request.headers:
+                fwd_headers[name] = request.headers[name]
         stream = bool(body.get("stream", False))
 
         self._load_change(decision.prefill, +1)

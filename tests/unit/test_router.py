@@ -498,18 +498,21 @@ async def test_models_is_the_union_of_the_engines_lists(stack):
 
 
 async def test_request_id_is_passed_to_both_engines_and_echoed(stack):
-    status, _, headers = await stack.post("/v1/completions", {"prompt": "hi"}, headers={"x-request-id": "req-42"})
+    trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    status, _, headers = await stack.post("/v1/completions", {"prompt": "hi"},
+                                          headers={"x-request-id": "req-42", "traceparent": trace})
     assert status == 200 and headers["x-request-id"] == "req-42"
     [p] = stack.served("p")
     [d] = stack.served("d")
     assert p.headers[0]["X-Request-Id"] == d.headers[0]["X-Request-Id"] == "req-42"
+    assert p.headers[0]["traceparent"] == d.headers[0]["traceparent"] == trace
     # no max_tokens from the client: D uses the engine's default, P still makes exactly one token
     assert "max_tokens" not in d.received[0][1] and p.received[0][1]["max_tokens"] == 1
     # without one, the answer names the transfer id and the engines get no X-Request-Id from the router
     status, _, headers = await stack.post("/v1/completions", {"prompt": "hi", "stream": True})
     assert status == 200 and headers["x-request-id"] == headers["x-kvlane-transfer-id"]
     later = [h for e in stack.engines.values() for h in e.headers if h is not p.headers[0] and h is not d.headers[0]]
-    assert len(later) == 2 and all("X-Request-Id" not in h for h in later)
+    assert len(later) == 2 and all("X-Request-Id" not in h and "traceparent" not in h for h in later)
     # errors carry it too; a malformed one is refused
     status, _, headers = await stack.post("/v1/completions", b"{", headers={"x-request-id": "r-bad-body"})
     assert status == 400 and headers["x-request-id"] == "r-bad-body"
