@@ -190,7 +190,7 @@ class Policy:
         if e.can_prefill:
             tile.prefill[e.engine_id] = None
             cell.prefill[e.engine_id] = None
-            key = (e.load, e.last_pick, e.engine_id)
+            key = (e.p_load, e.last_pick, e.engine_id)
             bisect.insort(self._p_order, key)
             self._p_key[e.engine_id] = key
             self._p_tp[e.tp] = self._p_tp.get(e.tp, 0) + 1
@@ -227,7 +227,7 @@ class Policy:
         key = self._p_key.get(e.engine_id)
         if key is None:
             return
-        new = (e.load, e.last_pick, e.engine_id)
+        new = (e.p_load, e.last_pick, e.engine_id)
         if new != key:
             del self._p_order[bisect.bisect_left(self._p_order, key)]
             bisect.insort(self._p_order, new)
@@ -278,7 +278,7 @@ class Policy:
                 and d.memory < sel.decode_memory_limit and self._tp_ok(p.tp, d.tp))
 
     def _prefill_ok(self, p: EngineState, d: EngineState) -> bool:
-        return p is not d and p.load < self.config.selection.max_prefill_queue and self._tp_ok(p.tp, d.tp)
+        return p is not d and p.p_load < self.config.selection.max_prefill_queue and self._tp_ok(p.tp, d.tp)
 
     def _shortlist(self) -> list[EngineState]:
         """The `prefill_shortlist` least-loaded prefill engines of each TP size present (one size: just the

@@ -72,6 +72,13 @@ class EngineState:
     def load(self) -> int:
         return self.queue + self.pending
 
+    @property
+    def p_load(self) -> int:
+        """Load as a prefill engine: queued + assigned + the prefill it is running now. A prefill-only engine
+        reports `running` as its in-progress prefills (0 or 1 in practice), which delay the next one as much
+        as a queued request; an engine that also decodes reports its decode batch there, so it is left out."""
+        return self.queue + self.pending + (0 if self.can_decode else self.running)
+
 
 class Terms(NamedTuple):
     """Raw (unweighted) values of one pair's terms, and the paths they were computed on."""
@@ -191,7 +198,7 @@ class PairScorer:
                 hops = info.hops
             if c > cong:
                 cong = c
-        return Terms(p.load, d.load, tkv, hops + self.w.congestion_hops * cong, d.memory, acache,
+        return Terms(p.p_load, d.load, tkv, hops + self.w.congestion_hops * cong, d.memory, acache,
                      tuple(x[3] for x in used))
 
     def total(self, t: Terms) -> float:
@@ -214,4 +221,4 @@ class PairScorer:
         return self.w.beta * d.load + self.w.epsilon * d.memory
 
     def prefill_cost(self, p: EngineState) -> float:
-        return self.w.alpha * p.load
+        return self.w.alpha * p.p_load

@@ -227,6 +227,23 @@ def test_leaf_mate_with_a_faster_path_competes_with_the_same_tile_decode():
     assert d.breakdown["tkv"] == pytest.approx(10 * 0.8) and d.breakdown["hpath"] == pytest.approx(0.75)
 
 
+def test_a_prefill_engine_busy_with_a_prefill_counts_as_loaded():
+    pol = zcube_policy(PolicyConfig(selection=SelectionConfig(prefill_shortlist=1)))
+    zero_loads(pol)
+    d = pol.select_pair(PairRequest(request_id="r0", prompt_tokens=1000), 0.0)
+    assert d.prefill == "N0"  # all idle: the first registered
+    zero_loads(pol)
+    # N0 reports an empty queue but one prefill running: an idle P goes first, and Qp counts the running one.
+    pol.report_load(LoadReport(engine_id="N0", queue_depth=0, running=1), 0.0)
+    d = pol.select_pair(PairRequest(request_id="r1", prompt_tokens=1000), 0.0)
+    assert d.prefill == "N2" and d.breakdown["qp"] == 0.0
+    for e in ("N2", "N4", "N6"):
+        pol.report_load(LoadReport(engine_id=e, queue_depth=1), 0.0)
+    d = pol.select_pair(PairRequest(request_id="r2", prompt_tokens=1000), 0.0)
+    # Everyone has 1 (N0: its running prefill); ties go to the least recently picked, never-picked N4 first.
+    assert d.prefill == "N4" and d.breakdown["qp"] == 1.0
+
+
 def test_measured_slow_path_changes_the_chosen_pair():
     pol = loopback_policy()
     req = PairRequest(request_id="r", kv_bytes=GB)
