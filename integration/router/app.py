@@ -119,6 +119,7 @@ class Router:
         app = web.Application(client_max_size=self.config.max_body_bytes)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/generate", self.generate)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_view)
@@ -202,6 +203,10 @@ class Router:
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "chat", "/v1/chat/completions")
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        """SGLang's native API (`text` or `input_ids`, `sampling_params`); SGLang pairs only."""
+        return await self._handle(request, "generate", "/generate")
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """The union of the registered engines' model lists (asked concurrently; the first entry seen for a
@@ -321,6 +326,11 @@ class Router:
             "x-kvlane-transfer-id": transfer_id,
             "x-request-id": rid,
         }
+        if endpoint == "generate" and not sglang:
+            self.metrics.errors.labels(reason="bad_request").inc()
+            return _error(400, f"POST /generate is SGLang's native API, but the policy chose vLLM engines "
+                               f"{decision.prefill}/{decision.decode}: use /v1/completions or /v1/chat/completions",
+                          "invalid_request_error")
         if sglang:
             # SGLang's PD protocol: both halves carry the prefill's bootstrap host/port and one random room (the
             # room names the transfer); no kv_transfer_params, not even the client's.

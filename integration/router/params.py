@@ -11,7 +11,8 @@ import math
 import re
 from typing import Any, Literal
 
-Endpoint = Literal["completions", "chat"]
+#: completions = /v1/completions, chat = /v1/chat/completions, generate = SGLang's native /generate.
+Endpoint = Literal["completions", "chat", "generate"]
 
 #: The fields of `kv_transfer_params` that kvlane owns; a client may not set any of them.
 KVLANE_FIELDS = ("kvlane", "transfer_id", "session_id", "prefill", "decode", "policy", "role")
@@ -27,8 +28,8 @@ class BadRequest(ValueError):
 
 
 def parse_body(raw: bytes, endpoint: Endpoint, max_bytes: int) -> dict[str, Any]:
-    """Decode and check the client's JSON body: an object with a non-empty `prompt` (completions) or
-    `messages` (chat)."""
+    """Decode and check the client's JSON body: an object with a non-empty `prompt` (completions),
+    `messages` (chat) or `text` / `input_ids` (generate)."""
     if len(raw) > max_bytes:
         raise BadRequest(f"request body of {len(raw)} bytes exceeds the router's {max_bytes}-byte limit")
     try:
@@ -49,6 +50,22 @@ def parse_body(raw: bytes, endpoint: Endpoint, max_bytes: int) -> dict[str, Any]
             # A batch would make the engine run several requests under one transfer id (one bootstrap room).
             raise BadRequest(f"field 'prompt' holds a batch of {len(prompt)} prompts: the P/D router serves one "
                              "prompt per request (send them as separate requests)")
+    elif endpoint == "generate":
+        text, ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (ids is None):
+            raise BadRequest("exactly one of the fields 'text' and 'input_ids' is required")
+        if text is not None and (not isinstance(text, str) or not text):
+            raise BadRequest("field 'text' must be a non-empty string (the P/D router serves one prompt per "
+                             "request, no batches)")
+        if ids is not None and (not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids)):
+            raise BadRequest("field 'input_ids' must be a non-empty list of integers (the P/D router serves one "
+                             "prompt per request, no batches)")
+        sampling = body.get("sampling_params", {})
+        if not isinstance(sampling, dict):
+            raise BadRequest("field 'sampling_params' must be an object")
+        if sampling.get("n", 1) != 1:
+            raise BadRequest(f"field 'sampling_params.n'={sampling['n']!r}: the P/D router serves one choice per "
+                             "request (n=1)")
     else:
         messages = body.get("messages")
         if messages is None:
@@ -120,7 +137,11 @@ def _text_of(content: Any) -> str:
 def estimate_prompt_tokens(body: dict[str, Any], endpoint: Endpoint) -> int:
     """Tokens the prompt will take, for the policy's Tkv estimate: a list of token ids counts exactly,
     text counts ceil(chars / 4) (no round trip to an engine's /tokenize on the request path)."""
-    if endpoint == "completions":
+    if endpoint == "generate":
+        if body.get("input_ids") is not None:
+            return len(body["input_ids"])
+        chars = len(body["text"])
+    elif endpoint == "completions":
         prompt = body["prompt"]
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             return len(prompt)

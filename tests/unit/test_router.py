@@ -78,6 +78,7 @@ class FakeEngine:
         app = web.Application()
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/generate", self.handle)
         app.router.add_get("/v1/models", self.models)
         self.runner = web.AppRunner(app, handler_cancellation=True)
         await self.runner.setup()
@@ -560,3 +561,45 @@ async def test_client_disconnect_cancels_the_engine_requests(stack, stream):
         e.name for e in stack.engines.values() if e.received)
     assert sum(e.cancelled for e in stack.engines.values()) == 2
     assert set(stack.router.inflight().values()) == {0}
+
+
+async def test_sglang_native_generate_is_routed_to_sglang_pairs(sglang_stack):
+    body = {"text": "hello", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    status, payload, headers = await sglang_stack.post("/generate", body, headers={"x-session-id": "s1"})
+    assert status == 200, payload
+    [p] = sglang_stack.served("p")
+    [d] = sglang_stack.served("d")
+    assert json.loads(payload)["engine"] == d.name
+    (p_path, p_body), (d_path, d_body) = p.received[0], d.received[0]
+    assert p_path == d_path == "/generate"
+    assert p_body["stream"] is False and "stream" not in d_body
+    for b in (p_body, d_body):
+        assert b["text"] == "hello" and b["sampling_params"] == body["sampling_params"]
+        assert b["bootstrap_room"] == d_body["bootstrap_room"] and b["bootstrap_port"] == 8998 + int(p.name[1])
+    assert headers["x-kvlane-transfer-id"] == f"sglang-{d_body['bootstrap_room']}"
+    status, payload, _ = await sglang_stack.post("/generate", {"input_ids": [1, 2, 3], "stream": True})
+    assert status == 200 and payload == b"".join(SSE_CHUNKS)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"sampling_params": {}}, "exactly one of the fields 'text' and 'input_ids'"),
+        ({"text": "a", "input_ids": [1]}, "exactly one of the fields 'text' and 'input_ids'"),
+        ({"text": ["a", "b"]}, "field 'text' must be a non-empty string"),
+        ({"input_ids": [[1], [2]]}, "field 'input_ids' must be a non-empty list of integers"),
+        ({"text": "a", "sampling_params": {"n": 2}}, "n=1"),
+        ({"text": "a", "sampling_params": [1]}, "'sampling_params' must be an object"),
+    ],
+)
+async def test_bad_generate_bodies_are_400(sglang_stack, body, message):
+    status, payload, _ = await sglang_stack.post("/generate", body)
+    assert status == 400 and message in json.loads(payload)["error"]["message"]
+    assert not any(e.received for e in sglang_stack.engines.values())
+
+
+async def test_generate_on_a_vllm_pair_is_400(stack):
+    status, payload, _ = await stack.post("/generate", {"text": "hello"})
+    assert status == 400
+    assert "SGLang's native API, but the policy chose vLLM engines" in json.loads(payload)["error"]["message"]
+    assert not any(e.received for e in stack.engines.values())

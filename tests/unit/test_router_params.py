@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from kvlane.integration.router.params import BadRequest, parse_body
+from kvlane.integration.router.params import BadRequest, estimate_prompt_tokens, parse_body
 
 
 def test_deeply_nested_json_is_a_bad_request() -> None:
@@ -17,3 +17,8 @@ def test_one_prompt_per_request_batches_are_refused() -> None:
         assert parse_body(json.dumps({"prompt": one}).encode(), "completions", 1 << 20)["prompt"] == one
     with pytest.raises(BadRequest, match="a batch of 3 prompts"):
         parse_body(b'{"prompt": ["a", [1], "c"]}', "completions", 1 << 20)
+
+
+def test_generate_prompt_tokens_are_exact_for_ids_and_chars_over_4_for_text() -> None:
+    assert estimate_prompt_tokens({"input_ids": [5] * 37}, "generate") == 37
+    assert estimate_prompt_tokens({"text": "x" * 9}, "generate") == 3
