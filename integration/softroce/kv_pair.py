@@ -68,13 +68,25 @@ def _emit(**kv: object) -> None:
     print(json.dumps(kv), flush=True)
 
 
+#: UCX keepalive off: with kvlane.transport's default (1 s) over rxe under QEMU emulation, transfers on a
+#: connected P/D pair never got their OFFER through (both devices busy with ~9 packets/s while idle); with
+#: it off the same moves pass. A dead peer is then caught by RC retries or, at the latest, the deadline.
+RXE_UCX_DEFAULTS = {"KEEPALIVE_INTERVAL": "inf"}
+#: Set by `run_pair(ucx_defaults=...)` in the child processes (TransportConfig.ucx_defaults override).
+UCX_DEFAULTS_ENV = "KVLANE_SOFTROCE_UCX_DEFAULTS"
+
+
 def _config(tp: int, paths: dict[str, str], tls: str):
     from kvlane.transport import PathConfig, TransportConfig
+
+    extra = {}
+    if os.environ.get(UCX_DEFAULTS_ENV):
+        extra["ucx_defaults"] = {str(k): str(v) for k, v in json.loads(os.environ[UCX_DEFAULTS_ENV]).items()}
 
     # Blocking progress: in thread mode ucxx gives ucp_ep_create 3 x 3 s on its progress thread, and
     # endpoint creation over verbs under QEMU emulation takes longer (UCXXTimedOutError in the guest).
     return TransportConfig(
-        backend="ucx", tp_size=tp, connect_timeout_s=120.0, offer_hold_s=300.0, ucx_progress_mode="blocking",
+        backend="ucx", tp_size=tp, connect_timeout_s=120.0, offer_hold_s=300.0, ucx_progress_mode="blocking", **extra,
         paths={name: PathConfig(ucx={"TLS": tls, "NET_DEVICES": dev}) for name, dev in paths.items()},
     )
 
@@ -197,7 +209,8 @@ def _json_lines(text: str) -> list[dict]:
 
 def run_pair(rdv: Path, moves: list[Move], *, ucx_env: dict[str, str], n_blocks: int, block_bytes: int,
              tp: int = 1, paths: dict[str, str] | None = None, tls: str = VERBS_TLS, deadline_s: float = 120.0,
-             kill_d_on: str | None = None, kill_after_s: float = 1.0) -> PairRun:
+             kill_d_on: str | None = None, kill_after_s: float = 1.0,
+             ucx_defaults: dict[str, str] | None = RXE_UCX_DEFAULTS) -> PairRun:
     """Start D and P as two processes; with `kill_d_on=tid`, SIGKILL D `kill_after_s` after P starts
     pushing that transfer."""
     rdv.mkdir(parents=True, exist_ok=True)
@@ -206,6 +219,8 @@ def run_pair(rdv: Path, moves: list[Move], *, ucx_env: dict[str, str], n_blocks:
               str(block_bytes), "--paths", json.dumps(paths or DEFAULT_PATHS), "--tls", tls,
               "--deadline", str(deadline_s), "--moves", spec]
     env = {**os.environ, **ucx_env, "UCX_WARN_UNUSED_ENV_VARS": "n"}
+    if ucx_defaults is not None:
+        env[UCX_DEFAULTS_ENV] = json.dumps(ucx_defaults)
     mod = [sys.executable, "-m", "kvlane.integration.softroce.kv_pair"]
     t0 = time.monotonic()
     d = subprocess.Popen([*mod, "D", *common], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
