@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The project's checks, as CI runs them: lint, types of the pure policy core, then every test suite that
-# fits this machine (unit + property + transport + real vLLM on CPU). Extra args go to pytest.
-# Usage: scripts/test.sh [pytest args]     (run scripts/setup.sh first on a fresh machine)
+# The project's checks, as CI runs them (run scripts/setup.sh first on a fresh machine):
+#   1. ruff over the tree, mypy over the pure policy core;
+#   2. the default suite: unit, property, fuzz, transport (two processes), policy service, router, simulator;
+#   3. the slow suite (marker `vllm`): real vLLM prefill/decode engines on CPU through KVLaneConnector
+#      (token-exact vs a single engine, negative control, sticky delta, TP=2, decode killed mid-stream).
+# Usage: scripts/test.sh [--fast] [pytest args]     --fast: skip step 3
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+fast=0
+if [[ "${1:-}" == "--fast" ]]; then fast=1; shift; fi
 export UCX_WARN_UNUSED_ENV_VARS=n
 .venv/bin/ruff check .
 .venv/bin/mypy policy
-set +e
-.venv/bin/python -m pytest -q -rs "$@"
-rc=$?
-set -e
-# pytest exit 5 = no tests collected: that is a failure of the suite, not a pass.
-exit $rc
+# pytest exit 5 (no tests collected) is a failure here like any other non-zero exit.
+.venv/bin/python -m pytest -q -rs -m "not vllm and not bench" "$@"
+if ((fast == 0)); then
+  .venv/bin/python -m pytest -q -rs -m vllm --durations=10 "$@"
+fi
