@@ -37,8 +37,9 @@ class _Errors(logging.Handler):
 class Pair:
     """A receiving (D) and a sending (P) KVTransport in this process, tcp backend, rank 0 of TP 1."""
 
-    def __init__(self) -> None:
-        cfg = transport.TransportConfig(backend="tcp", paths={"tcp": {}}, tp_size=1, connect_timeout_s=5.0)
+    def __init__(self, secret: bytes | None = None) -> None:
+        cfg = transport.TransportConfig(backend="tcp", paths={"tcp": {}}, tp_size=1, connect_timeout_s=5.0,
+                                        secret=secret)
         self.d_mem = [np.zeros((BLOCKS, *BLOCK), np.float16)]
         self.p_mem = [np.arange(BLOCKS * int(np.prod(BLOCK)), dtype=np.float16).reshape(BLOCKS, *BLOCK)]
         self.d = transport.KVTransport("D", 0, cfg)
@@ -70,14 +71,13 @@ class Pair:
         self.d.close()
 
 
-@pytest.fixture(scope="module")
-def pair():
+def _pair(secret: bytes | None):
     errors = _Errors()
     loggers = [logging.getLogger(n) for n in ("kvlane.transport", "kvlane.transport.tcp", "asyncio")]
     for lg in loggers:
         lg.addHandler(errors)
     try:
-        p = Pair()
+        p = Pair(secret)
     except Exception as exc:  # another engineer's module, still being written
         pytest.skip(f"tcp transport cannot start here: {type(exc).__name__}: {exc}")
     p.push_works()
@@ -86,6 +86,17 @@ def pair():
     for lg in loggers:
         lg.removeHandler(errors)
     assert errors.records == []
+
+
+@pytest.fixture(scope="module")
+def pair():
+    yield from _pair(None)
+
+
+@pytest.fixture(scope="module")
+def secret_pair():
+    """The same with a shared secret: every hello is a challenge-response, every offer carries a session MAC."""
+    yield from _pair(b"fuzz-secret")
 
 
 def send_and_settle(p: Pair, data: bytes) -> None:
@@ -158,3 +169,63 @@ def test_forged_hello_then_data_cannot_write_kv(pair):
     send_and_settle(pair, data)
     assert not pair.d_mem[0].any()
     pair.push_works()
+
+
+AUTH_STEPS = st.lists(st.sampled_from(["auth", "offer", "data"]), max_size=4)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(nonce=st.none() | st.binary(min_size=16, max_size=64), steps=AUTH_STEPS, mac=st.binary(min_size=32, max_size=32),
+       echo=st.booleans(), seq=st.none() | st.integers(0, 3), tail=st.binary(max_size=64))
+def test_stranger_without_the_secret_never_writes_kv(secret_pair, nonce, steps, mac, echo, seq, tail):
+    """With a secret: a stranger presenting P's descriptor, answering the challenge with any 32 bytes (or echoing
+    its nonce or not), then offering (with or without a MAC and sequence number) and sending data for an armed
+    transfer id: nothing lands, the armed expect still waits for the genuine sender, who then succeeds."""
+    p = secret_pair
+    copies = transport.block_copies(0, [1], [2], SHAPE)
+    armed = p.d.expect("armed", copies, deadline_s=10.0)
+    hello = {"t": "hello", "descriptor": p.p.descriptor()}
+    if nonce is not None:
+        hello["nonce"] = nonce
+    s = socket.create_connection((p.host, p.port), timeout=5.0)
+    try:
+        s.sendall(frame(msgpack.packb(hello, use_bin_type=True)))
+        s.settimeout(1.0)
+        challenge = b"\0" * 32
+        try:
+            head = s.recv(4, socket.MSG_WAITALL)
+            reply = msgpack.unpackb(s.recv(struct.unpack("<I", head)[0], socket.MSG_WAITALL), raw=False)
+            challenge = reply.get("nonce", challenge)
+        except (TimeoutError, ConnectionError, struct.error, ValueError):
+            pass
+        out = b""
+        for step in steps:
+            if step == "auth":
+                msg = {"t": "auth", "key": "P/rank0", "nonce": challenge if echo else mac, "mac": mac}
+            elif step == "offer":
+                msg = {"t": "offer", "tid": "armed", "sender": "P/rank0", "runs": [[0, 512, 256]], "wait_s": 5.0}
+                if seq is not None:
+                    msg.update(seq=seq, mac=mac)
+            else:
+                msg = {"t": "data", "tid": "armed", "i": 0, "offset": 0, "nbytes": 256}
+            out += frame(msgpack.packb(msg, use_bin_type=True)) + (b"\xee" * 256 if step == "data" else b"")
+        try:
+            s.sendall(out + tail)
+        except OSError:
+            pass
+        s.settimeout(0.2)
+        try:
+            while s.recv(4096):
+                pass
+        except (TimeoutError, ConnectionError):
+            pass
+    finally:
+        s.close()
+    assert not p.d_mem[0].any()
+    assert not armed.done()
+    res = p.p.push(p.peer, "armed", "tcp", copies, deadline_s=10.0).result(15)
+    assert res.ok, res.error
+    assert armed.result(5).ok
+    assert p.d_mem[0][2].tobytes() == p.p_mem[0][1].tobytes()
+    p.d_mem[0][:] = 0
+    p.push_works()
