@@ -5,6 +5,7 @@ byte into KV memory, is logged with its address and has its connection closed.""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import socket
@@ -344,3 +345,60 @@ def test_secret_config_defaults_to_env_and_never_shows() -> None:
     assert A.env_secret({"KVLANE_SECRET": ""}) is None and A.env_secret({}) is None
     with pytest.raises(ValueError, match="empty secret"):
         TransportConfig(secret=b"")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_captured_auth_and_offer_replayed_on_a_live_link_are_refused(backend: str, monkeypatch: Any) -> None:
+    """Both backends, in one process: P's genuine AUTH and OFFER are captured off the wire and sent again later
+    (ucx: from P's endpoint, as a stranger on the fabric would): the used challenge and the used sequence number
+    are refused, a re-numbered offer fails its MAC, and the receiver's memory stays untouched."""
+    from kvlane.transport.wire import Auth, Offer
+
+    if backend == "tcp":
+        from kvlane.transport.tcp import TcpLink as link_cls
+    else:
+        from kvlane.transport.ucx import UcxLink as link_cls
+    sent: list[Any] = []
+    orig = link_cls.send_ctrl
+
+    async def spy(self: Any, msg: Any) -> None:
+        sent.append(msg)
+        await orig(self, msg)
+
+    monkeypatch.setattr(link_cls, "send_ctrl", spy)
+    warn = _Warnings()
+    log = logging.getLogger("kvlane.transport")
+    log.addHandler(warn)
+    cfg = TransportConfig.model_validate(config(backend, SECRET))
+    mem = np.zeros((BLOCKS, *BLOCK), np.float16)
+    try:
+        with KVTransport("D", 0, cfg) as d, KVTransport("P", 0, cfg) as p:
+            d.register_regions([mem])
+            src = make_regions(1, BLOCKS, BLOCK, "float16", seed=9)
+            p.register_regions(src)
+            handle = p.connect(d.descriptor())
+            copies = block_copies(0, [1], [2], SHAPE)
+            first = d.expect("t-1", copies, deadline_s=10.0)
+            assert p.push(handle, "t-1", PATH[backend], copies, deadline_s=10.0).result(15).ok
+            assert first.result(5).ok and mem[2].tobytes() == src[0][1].tobytes()
+            captured_auth = next(m for m in sent if isinstance(m, Auth))
+            captured_offer = next(m for m in sent if isinstance(m, Offer))
+            assert captured_offer.seq == 0 and captured_offer.mac is not None
+            mem[:] = 0
+            again = d.expect("t-1", copies, deadline_s=1.0)
+            link = handle.links[PATH[backend]]
+
+            def replay(msg: Any) -> None:
+                asyncio.run_coroutine_threadsafe(link.send_ctrl(msg), p._loop).result(5)
+
+            replay(captured_offer)
+            replay(captured_offer.model_copy(update={"seq": 7}))
+            replay(captured_auth)  # last: on tcp the receiver closes the link it arrives on
+            res = again.result(5)
+            assert not res.ok and "no sender offered 't-1'" in res.error, res
+            assert logged(warn, "sequence number 0 was already used")
+            assert logged(warn, "its session MAC is wrong")
+            assert logged(warn, "unknown or already used challenge")
+            assert not mem.any()
+    finally:
+        log.removeHandler(warn)
