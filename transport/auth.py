@@ -10,7 +10,8 @@ Handshake with a secret (both backends), sender S connecting to receiver R on on
     R → S  HELLO_OK  key_R, mac = H(secret, [DOMAIN, "receiver", nonce_S, nonce_R, sha256(descriptor_S), key_R, path])
 
 Both then derive ``session = H(secret, [DOMAIN, "session", nonce_R, nonce_S, sha256(descriptor_S), key_R, path])``;
-every OFFER carries a sequence number and ``H(session, [DOMAIN, "offer", offer-without-mac])``.
+every OFFER carries a sequence number and ``H(session, [DOMAIN, "offer", offer-without-mac])``, and every
+READY/REJECT/DONE/FAIL answering it ``H(session, [DOMAIN, "reply", reply-without-mac, offer seq, offer tag_base])``.
 """
 
 from __future__ import annotations
@@ -64,6 +65,12 @@ def session_key(secret: bytes, receiver_nonce: bytes, sender_nonce: bytes, descr
 def offer_mac(session: bytes, offer_without_mac: bytes) -> bytes:
     """MAC of an encoded OFFER (its ``mac`` field unset) under the session key."""
     return _mac(session, ["offer", offer_without_mac])
+
+
+def reply_mac(session: bytes, reply_without_mac: bytes, offer_seq: int, offer_tag_base: int) -> bytes:
+    """MAC of the receiver's READY/REJECT/DONE/FAIL, bound to the offer it answers (so it cannot be replayed
+    onto another transfer, even one re-using the id)."""
+    return _mac(session, ["reply", reply_without_mac, offer_seq, offer_tag_base])
 
 
 def check(expected: bytes, got: bytes | None) -> bool:

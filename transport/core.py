@@ -102,6 +102,7 @@ class _Expect:
     timer: asyncio.TimerHandle | None = None
     link: Link | None = None
     path: str = ""
+    offer: Offer | None = None
     state: str = "waiting"  # waiting → receiving (→ abandoning) → finished
 
 
@@ -169,6 +170,7 @@ class KVTransport:
         self._pending: dict[bytes, _Pending] = {}  # receiver: challenge nonce → hello awaiting its AUTH
         self._rx_sessions: dict[tuple[str, str], _Session] = {}  # receiver: (path, sender key) → session
         self._tx_sessions: dict[Link, _Session] = {}  # sender: our link → session
+        self._reply_keys: dict[str, tuple[bytes, int, int]] = {}  # sender: tid → (session key, seq, tag base)
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvlane-transport-{self.key}",
@@ -500,6 +502,7 @@ class KVTransport:
                 offer = offer.model_copy(update={"seq": sess.next_seq})
                 sess.next_seq += 1
                 offer = offer.model_copy(update={"mac": auth.offer_mac(sess.key, offer.to_msgpack())})
+                self._reply_keys[tid] = (sess.key, offer.seq, tag_base)
             await link.send_ctrl(offer)
             stage[0] = "waiting for the receiver to arm"
             reply = await _next(q, link, None)
@@ -543,6 +546,7 @@ class KVTransport:
                                          f"{type(exc).__name__} while {stage[0]}: {exc}"))
         finally:
             self._waiters.pop(tid, None)
+            self._reply_keys.pop(tid, None)
 
     # receiver
 
@@ -575,7 +579,7 @@ class KVTransport:
 
         async def tell_then_disarm() -> None:
             try:  # tell the sender first: a ucx disarm closes the endpoint the FAIL would travel on
-                await asyncio.wait_for(link.send_ctrl(Fail(tid=e.tid, error=msg)), 1.0)
+                await asyncio.wait_for(link.send_ctrl(self._seal(Fail(tid=e.tid, error=msg), e.path, e.offer)), 1.0)
             except Exception as exc:
                 log.info("kvlane transport %s: FAIL for %s not delivered: %s", self.key, e.tid, exc)
             finally:
@@ -608,7 +612,7 @@ class KVTransport:
         asyncio.ensure_future(send())
 
     def _bind(self, e: _Expect, link: Link, offer: Offer, path: str) -> None:
-        e.link, e.path = link, path
+        e.link, e.path, e.offer = link, path, offer
         try:
             got = dst_intervals(list(offer.runs))
             for region, off, n in offer.runs:
@@ -620,11 +624,11 @@ class KVTransport:
             landed = link.arm_recv(offer.tid, offer.tag_base, views)
         except Exception as exc:
             msg = f"offer from {link.peer_key} does not match expect({e.tid!r}): {exc}"
-            self._reply(link, Reject(tid=e.tid, error=msg))
+            self._reply(link, self._seal(Reject(tid=e.tid, error=msg), path, offer))
             self._finish_expect(e, False, msg)
             return
         e.state = "receiving"
-        self._reply(link, Ready(tid=e.tid))
+        self._reply(link, self._seal(Ready(tid=e.tid), path, offer))
 
         def on_landed(f: asyncio.Future[None]) -> None:
             if e.state != "receiving":
@@ -633,10 +637,10 @@ class KVTransport:
                 err = "cancelled" if f.cancelled() else f"{type(f.exception()).__name__}: {f.exception()}"
                 msg = f"receiving from {link.peer_key} failed: {err}"
                 link.disarm(e.tid)
-                self._reply(link, Fail(tid=e.tid, error=msg))
+                self._reply(link, self._seal(Fail(tid=e.tid, error=msg), path, offer))
                 self._finish_expect(e, False, msg)
             else:
-                self._reply(link, Done(tid=e.tid, nbytes=e.nbytes))
+                self._reply(link, self._seal(Done(tid=e.tid, nbytes=e.nbytes), path, offer))
                 self._finish_expect(e, True)
 
         landed.add_done_callback(on_landed)
@@ -719,6 +723,26 @@ class KVTransport:
 
         asyncio.ensure_future(tell_then_close())
 
+    def _seal(self, msg: Wire, path: str, offer: Offer | None) -> Wire:
+        """With a secret: a reply to ``offer`` carries the session MAC bound to that offer's seq and tag base."""
+        if self._secret is None or offer is None or offer.seq is None:
+            return msg
+        sess = self._rx_sessions.get((path, offer.sender))
+        if sess is None:
+            return msg
+        return msg.model_copy(update={"mac": auth.reply_mac(sess.key, msg.to_msgpack(), offer.seq, offer.tag_base)})
+
+    def _reply_refusal(self, msg: Ready | Reject | Done | Fail) -> str | None:
+        """Sender side, secret set: why a reply to our offer is not from the authenticated receiver, or None."""
+        bound = self._reply_keys.get(msg.tid)
+        if bound is None:
+            return "no offer of ours is waiting for it"
+        key, seq, tag_base = bound
+        if not auth.check(auth.reply_mac(key, msg.model_copy(update={"mac": None}).to_msgpack(), seq, tag_base),
+                          msg.mac):
+            return "missing or wrong session MAC"
+        return None
+
     def _offer_refusal(self, link: Link, path: str, offer: Offer) -> str | None:
         """Why an offer may not arm receives (secret set), or None if it comes from an authenticated session."""
         sess = self._rx_sessions.get((path, offer.sender))
@@ -745,6 +769,12 @@ class KVTransport:
             return
         elif isinstance(msg, (Ready, Reject, Done, Fail)):
             q = self._waiters.get(msg.tid)
+            if q is not None and self._secret is not None:
+                why = self._reply_refusal(msg)
+                if why is not None:  # e.g. a forged DONE: the push keeps waiting for the real answer
+                    log.warning("kvlane transport %s: refused %s for %s on path %s: %s", self.key, msg.t, msg.tid,
+                                path, why)
+                    return
         else:
             log.warning("kvlane transport %s: unexpected control message %s", self.key, msg.t)
             return
@@ -763,13 +793,15 @@ class KVTransport:
             self._bind(e, link, offer, path)
             return
         if e is not None or offer.tid in self._offers:
-            self._reply(link, Reject(tid=offer.tid, error=f"transfer {offer.tid!r} is already in progress here"))
+            self._reply(link, self._seal(Reject(tid=offer.tid, error=f"transfer {offer.tid!r} is already in progress here"),
+                                         path, offer))
             return
         hold = min(offer.wait_s, self.config.offer_hold_s)
 
         def drop() -> None:
             if self._offers.pop(offer.tid, None) is not None:
-                self._reply(link, Reject(tid=offer.tid, error=f"no expect({offer.tid!r}) on {self.key} within {hold}s"))
+                self._reply(link, self._seal(Reject(tid=offer.tid, error=f"no expect({offer.tid!r}) on {self.key} within "
+                                                                      f"{hold}s"), path, offer))
 
         self._offers[offer.tid] = _HeldOffer(link, offer, path, self._loop.call_later(hold, drop))
 

@@ -157,24 +157,28 @@ class Offer(Wire):
 class Ready(Wire):
     t: Literal["ready"] = "ready"
     tid: Ident
+    mac: Mac | None = None  # with a shared secret: session MAC bound to the offer (kvlane.transport.auth)
 
 
 class Reject(Wire):
     t: Literal["reject"] = "reject"
     tid: Ident
     error: Text
+    mac: Mac | None = None
 
 
 class Done(Wire):
     t: Literal["done"] = "done"
     tid: Ident
     nbytes: NonNeg
+    mac: Mac | None = None
 
 
 class Fail(Wire):
     t: Literal["fail"] = "fail"
     tid: Ident
     error: Text
+    mac: Mac | None = None
 
 
 class Data(Wire):

@@ -308,9 +308,12 @@ def test_replayed_offer_is_refused_after_a_genuine_transfer(rx: Any) -> None:
         body["mac"] = A.offer_mac(session, msgpack.packb(body, use_bin_type=True))
         fut = r.d.expect("t-1", [A_COPY], deadline_s=5.0)
         conn.send(body)
-        assert conn.recv() == {"t": "ready", "tid": "t-1"}
-        conn.send(data("t-1"), b"\x11" * 256)
-        assert conn.recv() == {"t": "done", "tid": "t-1", "nbytes": 256}
+        for want in ({"t": "ready", "tid": "t-1"}, {"t": "done", "tid": "t-1", "nbytes": 256}):
+            reply = conn.recv()
+            mac = reply.pop("mac")  # the receiver's replies are bound to this offer (seq 0, tag base 0)
+            assert reply == want and mac == A.reply_mac(session, msgpack.packb(want, use_bin_type=True), 0, 0)
+            if want["t"] == "ready":
+                conn.send(data("t-1"), b"\x11" * 256)
         assert fut.result(5).ok
         r.mem[0][:] = 0
         again = r.d.expect("t-1", [A_COPY], deadline_s=0.5)
@@ -351,8 +354,9 @@ def test_secret_config_defaults_to_env_and_never_shows() -> None:
 def test_captured_auth_and_offer_replayed_on_a_live_link_are_refused(backend: str, monkeypatch: Any) -> None:
     """Both backends, in one process: P's genuine AUTH and OFFER are captured off the wire and sent again later
     (ucx: from P's endpoint, as a stranger on the fabric would): the used challenge and the used sequence number
-    are refused, a re-numbered offer fails its MAC, and the receiver's memory stays untouched."""
-    from kvlane.transport.wire import Auth, Offer
+    are refused, a re-numbered offer fails its MAC, and the receiver's memory stays untouched. D's captured DONE,
+    replayed while P pushes the same id again, does not make that push succeed."""
+    from kvlane.transport.wire import Auth, Done, Offer
 
     if backend == "tcp":
         from kvlane.transport.tcp import TcpLink as link_cls
@@ -383,6 +387,8 @@ def test_captured_auth_and_offer_replayed_on_a_live_link_are_refused(backend: st
             assert first.result(5).ok and mem[2].tobytes() == src[0][1].tobytes()
             captured_auth = next(m for m in sent if isinstance(m, Auth))
             captured_offer = next(m for m in sent if isinstance(m, Offer))
+            captured_done = next(m for m in sent if isinstance(m, Done))
+            assert captured_done.mac is not None
             assert captured_offer.seq == 0 and captured_offer.mac is not None
             mem[:] = 0
             again = d.expect("t-1", copies, deadline_s=1.0)
@@ -393,9 +399,19 @@ def test_captured_auth_and_offer_replayed_on_a_live_link_are_refused(backend: st
 
             replay(captured_offer)
             replay(captured_offer.model_copy(update={"seq": 7}))
-            replay(captured_auth)  # last: on tcp the receiver closes the link it arrives on
             res = again.result(5)
             assert not res.ok and "no sender offered 't-1'" in res.error, res
+            pushed = p.push(handle, "t-1", PATH[backend], copies, deadline_s=1.5)  # nobody expects it now
+            end = time.monotonic() + 1.0
+            while "t-1" not in p._reply_keys and time.monotonic() < end:  # P's offer is out and awaits a reply
+                time.sleep(0.01)
+            back = (next(iter(d._backends["tcp"].links)) if backend == "tcp"
+                    else d._backends["shm"]._reverse["P/rank0"])  # D's side of the link to P
+            asyncio.run_coroutine_threadsafe(back.send_ctrl(captured_done), d._loop).result(5)
+            late = pushed.result(5)
+            assert not late.ok and "deadline of 1.5s expired" in late.error, late
+            assert logged(warn, "refused done for t-1 on path")
+            replay(captured_auth)  # last: on tcp the receiver closes the link it arrives on
             assert logged(warn, "sequence number 0 was already used")
             assert logged(warn, "its session MAC is wrong")
             assert logged(warn, "unknown or already used challenge")
