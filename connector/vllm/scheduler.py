@@ -429,6 +429,10 @@ class SchedulerSide:
                 job = self._recv.get(a.req_id)
                 if job is not None:
                     job.state = max(job.state, TransferState.ARMED)
+            for p in self._to_push:
+                send = self._send.get(p.req_id)
+                if send is not None and send.state == TransferState.LEASED:
+                    send.state = TransferState.TRANSFERRING
             self._to_arm, self._to_cancel, self._to_push, self._to_drop = [], [], [], []
         return meta
 

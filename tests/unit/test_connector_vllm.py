@@ -317,13 +317,14 @@ def test_prefill_pushes_only_announced_blocks_under_a_lease(policy_client):
     metas: list[KVLaneMetadata] = []
     _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
     (order,) = metas[-1].push
+    assert p._send[req.request_id].state == TransferState.TRANSFERRING
     assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and decode_descriptor(order.peers[0], 0)["port"] == 5
     (lease,) = policy_client.snapshot()["leases"]
     assert lease["bytes"] == 2 * 2 * PAGE and lease["transfer_id"] == "t-2"
     report = RankReport(0, True, 2 * 2 * PAGE, 0.02, order.paths[0])
     p.update_connector_output(_out(KVLaneWorkerMeta(pushed={req.request_id: [report]}), sending=[req.request_id]))
     _until(lambda: policy_client.snapshot()["leases"] == [])
-    assert not p.has_pending_push_work()
+    assert not p.has_pending_push_work() and req.request_id not in p._send
     stats = p.stats()
     assert stats is not None and stats.data["push_bytes"] == [2 * 2 * PAGE]
     p.shutdown()
