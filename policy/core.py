@@ -98,6 +98,7 @@ class Policy:
         # Switch index -> decode-capable engines with a NIC port of their first GPU on it ("leaf mates").
         self._leaf_decode: dict[int, dict[str, None]] = {}
         self._leaf_switches: dict[str, tuple[int, ...]] = {}  # engine id -> switches of its first GPU
+        self._mate_cap: dict[str, float] = {}  # P id -> best bottleneck Gbps to any of its leaf mates (lazy)
         self._rot = 0
         self._picks = 0
         self._pending_since: float | None = None  # when the oldest unforgotten assignment was made
@@ -187,6 +188,7 @@ class Policy:
             cell.tiles.append(tile)
         e.tile, e.cell = tile, cell
         self._wide_cache.clear()
+        self._mate_cap.clear()
         if e.can_prefill:
             tile.prefill[e.engine_id] = None
             cell.prefill[e.engine_id] = None
@@ -204,6 +206,7 @@ class Policy:
 
     def _unplace(self, e: EngineState) -> None:
         self._wide_cache.clear()
+        self._mate_cap.clear()
         for group in (e.tile, e.cell):
             group.prefill.pop(e.engine_id, None)
             group.decode.pop(e.engine_id, None)
@@ -441,6 +444,17 @@ class Policy:
         """Bottleneck Gbps of the pair's best static path."""
         return float(max(x.static_gbps for x in self.scorer.path_infos(p.gpu0, d.gpu0)))
 
+    def _mates(self, p: EngineState) -> dict[str, None]:
+        """Decode-capable engines with a NIC port of their first GPU on a switch of P's first GPU."""
+        leaf = self._leaf_decode
+        mates: dict[str, None] = {}
+        for sw in self._leaf_switches.get(p.engine_id, ()):
+            m = leaf.get(sw)
+            if m:
+                mates.update(m)
+        mates.pop(p.engine_id, None)
+        return mates
+
     def _better_mates(self, p: EngineState, found: list[EngineState], exclude: str | None) -> list[EngineState]:
         """Decode engines behind one of P's own switches ("leaf mates", whatever their tile) whose best path
         has strictly more bottleneck bandwidth than the best path of every candidate
@@ -448,15 +462,19 @@ class Policy:
         switches (seed §6), so on an oversubscribed fabric the D behind P's own leaf may be a neighbour
         tile's while the same-tile D sits behind the 4:1 uplinks. Fewer hops alone do not qualify: on a
         non-blocking fabric every path has the same bottleneck, so nothing is added and the tier order stands."""
-        leaf = self._leaf_decode
-        mates: dict[str, None] = {}
-        for sw in self._leaf_switches.get(p.engine_id, ()):
-            m = leaf.get(sw)
-            if m:
-                mates.update(m)
-        if not mates:
-            return []
-        best = max(self._path_gbps(p, d) for d in found)
+        cap = self._mate_cap.get(p.engine_id)
+        if cap is None:
+            mates = self._mates(p)
+            cap = self._mate_cap[p.engine_id] = max((self._path_gbps(p, self._engines[i]) for i in mates),
+                                                    default=0.0)
+        best = 0.0
+        for d in found:
+            g = self._path_gbps(p, d)
+            if g > best:
+                best = g
+                if best >= cap:  # no leaf mate can beat it (always so on a non-blocking fabric): nothing to add
+                    return []
+        mates = self._mates(p)
         have = {d.engine_id for d in found}
         engines, has_credit = self._engines, self.ledger.has_stream_credit
         out = []
