@@ -49,6 +49,9 @@ from .wire import (
 )
 
 log = logging.getLogger("kvlane.transport")
+#: Open challenges (hellos not yet answered) a receiver keeps at once; more hellos are refused until some
+#: are answered or time out after connect_timeout_s (bounds what strangers can make us hold).
+MAX_PENDING_CHALLENGES = 1024
 
 
 class Link(Protocol):
@@ -170,6 +173,7 @@ class KVTransport:
         self._pending: dict[bytes, _Pending] = {}  # receiver: challenge nonce → hello awaiting its AUTH
         self._rx_sessions: dict[tuple[str, str], _Session] = {}  # receiver: (path, sender key) → session
         self._tx_sessions: dict[Link, _Session] = {}  # sender: our link → session
+        self._refusals: set[asyncio.Future[None]] = set()  # refusals still telling the peer before closing
         self._reply_keys: dict[str, tuple[bytes, int, int]] = {}  # sender: tid → (session key, seq, tag base)
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -404,6 +408,9 @@ class KVTransport:
             if pend.timer is not None:
                 pend.timer.cancel()
         self._pending.clear()
+        for task in list(self._refusals):
+            task.cancel()  # its finally closes the refused link
+        await asyncio.gather(*self._refusals, return_exceptions=True)
         async def stop(b: Backend) -> None:
             try:
                 await asyncio.wait_for(b.stop(), 5.0)
@@ -665,6 +672,15 @@ class KVTransport:
             self._refuse(link, path, f"AuthError: {self.key} requires authentication and the hello from {desc.key} "
                                      "carries no nonce (no shared secret configured on the sender?)")
             return None
+        for old, other in list(self._pending.items()):  # a new hello on a link supersedes its open challenge
+            if other.link is link:
+                if other.timer is not None:
+                    other.timer.cancel()
+                del self._pending[old]
+        if len(self._pending) >= MAX_PENDING_CHALLENGES:
+            self._refuse(link, path, f"AuthError: {self.key} has {len(self._pending)} unanswered challenges open; "
+                                     "try again later")
+            return None
         nonce = auth.new_nonce()
         pend = _Pending(link, path, desc, hello.descriptor, hello.nonce, nonce)
         pend.timer = self._loop.call_later(self.config.connect_timeout_s, self._auth_timeout, nonce)
@@ -721,7 +737,9 @@ class KVTransport:
             finally:
                 link.close()
 
-        asyncio.ensure_future(tell_then_close())
+        task = asyncio.ensure_future(tell_then_close())
+        self._refusals.add(task)
+        task.add_done_callback(self._refusals.discard)
 
     def _seal(self, msg: Wire, path: str, offer: Offer | None) -> Wire:
         """With a secret: a reply to ``offer`` carries the session MAC bound to that offer's seq and tag base."""

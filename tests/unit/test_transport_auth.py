@@ -418,3 +418,27 @@ def test_captured_auth_and_offer_replayed_on_a_live_link_are_refused(backend: st
             assert not mem.any()
     finally:
         log.removeHandler(warn)
+
+
+def test_open_challenges_are_bounded_and_superseded(rx: Any, monkeypatch: Any) -> None:
+    """A stranger cannot make the receiver hold unbounded handshake state: a second hello on one connection
+    replaces its open challenge, and beyond the cap further hellos are refused."""
+    from kvlane.transport import core
+
+    r, warn = rx
+    monkeypatch.setattr(core, "MAX_PENDING_CHALLENGES", len(r.d._pending) + 1)
+    first, second = r.raw(), r.raw()
+    try:
+        hello = {"t": "hello", "descriptor": r.p_desc, "nonce": A.new_nonce()}
+        first.send(hello)
+        assert first.recv()["t"] == "challenge"
+        first.send(hello)  # supersedes the first challenge instead of adding one
+        assert first.recv()["t"] == "challenge"
+        second.send(hello)
+        err = second.recv()
+        assert err["t"] == "hello_err" and "unanswered challenges open" in err["error"], err
+        assert second.closed_by_peer()
+    finally:
+        first.close()
+        second.close()
+    assert logged(warn, "unanswered challenges open")
