@@ -67,6 +67,7 @@ class Sample:
     error: str = ""
     xfer_s: float | None = None
     xfer_bytes: int | None = None
+    p_hop_s: float | None = None  # NIXL only: the proxy's P request (prefill, max_tokens=1) until P answered
 
 
 @dataclass
@@ -204,6 +205,8 @@ def _fmt(s: Sample) -> str:
     if s.ttft is None:
         return f"FAILED ({s.error})"
     x = f", xfer {s.xfer_s * 1e3:.1f} ms / {s.xfer_bytes} B" if s.xfer_s is not None else ""
+    if s.p_hop_s is not None:
+        x += f", P hop {s.p_hop_s * 1e3:.0f} ms"
     return f"{s.ttft * 1e3:.0f} ms{x}"
 
 
@@ -238,17 +241,26 @@ def run_kvlane(model: Path, prompts: dict[int, list[list[int]]], args: argparse.
         _measure(prompts, args, res, {"single": single, "kvlane": pd}, say)
 
 
+def nixl_setup_name(tls: str) -> str:
+    return "nixl" if tls == "default" else f"nixl[{tls}]"
+
+
 def run_nixl(model: Path, prompts: dict[int, list[list[int]]], args: argparse.Namespace, logs: Path,
-             res: Results, say: Callable[[str], None]) -> None:
+             res: Results, say: Callable[[str], None], tls: str) -> None:
+    """One NixlConnector pair; `tls` is UCX_TLS for both engines ("default": UCX chooses, on one host
+    that includes shared memory)."""
+    setup = nixl_setup_name(tls)
+    tag = "" if tls == "default" else "-" + re.sub(r"[^a-z0-9]", "", tls)
     with ProcessSet() as procs:
         engines: list[EngineProcess] = []
-        for name, core in (("nixl-p0", P_CORE), ("nixl-d0", D_CORE)):
+        for name, core in ((f"nixl{tag}-p0", P_CORE), (f"nixl{tag}-d0", D_CORE)):
             env = {"VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()), "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1"}
-            if args.nixl_ucx_tls:
-                env["UCX_TLS"] = args.nixl_ucx_tls
+            if tls != "default":
+                env["UCX_TLS"] = tls
             engines.append(procs.add(start_engine(model, name, core, free_port(), NIXL_CFG, logs, env)))  # type: ignore[arg-type]
-        say(f"nixl: P {engines[0].url} (core {P_CORE}), D {engines[1].url} (core {D_CORE}); starting ...")
-        say(f"nixl pair healthy after {wait_all(engines, args.startup_timeout):.0f}s")
+        say(f"{setup}: P {engines[0].url} (core {P_CORE}), D {engines[1].url} (core {D_CORE}), UCX_TLS={tls}; "
+            "starting ...")
+        say(f"{setup} pair healthy after {wait_all(engines, args.startup_timeout):.0f}s")
         p, d = engines
 
         def pd(prompt: list[int]) -> Sample:
@@ -261,6 +273,7 @@ def run_nixl(model: Path, prompts: dict[int, list[list[int]]], args: argparse.Na
                     "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False,
                                            "remote_engine_id": None, "remote_block_ids": None,
                                            "remote_host": None, "remote_port": None}}, args.timeout)
+                s.p_hop_s = time.monotonic() - t0
                 params = pre.get("kv_transfer_params")
                 if not params:
                     raise RuntimeError(f"P returned no kv_transfer_params: {str(pre)[:200]}")
@@ -281,7 +294,13 @@ def run_nixl(model: Path, prompts: dict[int, list[list[int]]], args: argparse.Na
                                        - before.get("vllm:nixl_bytes_transferred_sum", 0.0))
             return _attempt(go)
 
-        _measure(prompts, args, res, {"nixl": pd}, say)
+        def alone(prompt: list[int]) -> Sample:
+            def go(s: Sample) -> None:
+                s.ttft, s.tokens, _ = stream_completion(p.url, body_for(prompt, args.max_tokens), args.timeout)
+            return _attempt(go)
+
+        # NIXL's P called directly as well: its own prefill speed next to the kvlane P's ("single")
+        _measure(prompts, args, res, {f"single[{setup} P]": alone, setup: pd}, say)
 
 
 def _warm_prompt(rng: random.Random, vocab: int) -> list[int]:
@@ -314,66 +333,80 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def _cell(samples: list[Sample]) -> tuple[str, float | None]:
+def _med(xs: list[float]) -> float | None:
+    return pct(xs, 50) if xs else None
+
+
+def _ttft_cell(samples: list[Sample]) -> str:
+    if not samples:
+        return "not run"
     ok = [s.ttft for s in samples if s.ttft is not None]
     fails = len(samples) - len(ok)
     if not ok:
-        return f"all {fails} failed", None
-    med = pct(ok, 50)
-    return f"{med * 1e3:7.0f} / {pct(ok, 99) * 1e3:6.0f}" + (f" ({fails} fail)" if fails else ""), med
+        return f"all {fails} FAILED"
+    return f"{pct(ok, 50) * 1e3:.0f} / {pct(ok, 99) * 1e3:.0f}" + (f" ({fails} FAILED)" if fails else "")
 
 
-def _xfer(samples: list[Sample]) -> tuple[float | None, float | None]:
-    xs = [s.xfer_s for s in samples if s.xfer_s is not None]
-    bs = [s.xfer_bytes for s in samples if s.xfer_bytes is not None]
-    return (pct(xs, 50) if xs else None), (pct([float(b) for b in bs], 50) if bs else None)
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
 
 
 def report(res: Results, lengths: list[int], say: Callable[[str], None]) -> list[str]:
+    """Print (and return) the two tables: TTFT with ratios and token equality, then transfer times."""
     runs = res.runs
-    lines = []
-    hdr = ("| prompt tokens | single TTFT ms median / p99 | kvlane TTFT median / p99 | NIXL TTFT median / p99 "
-           "| kvlane/NIXL TTFT | kvlane transfer ms (KV bytes) | NIXL transfer ms (KV bytes) | kvlane/NIXL transfer "
-           "| same tokens as single: kvlane, NIXL |")
-    lines += [hdr, "|" + "---|" * 9]
+    nixls = [n for n in runs if n.startswith("nixl")]
+    pds = ["kvlane", *nixls]
+    alones = [n for n in runs if n.startswith("single[")]
+
+    def samples(name: str, L: int) -> list[Sample]:
+        return runs.get(name, {}).get(L, [])
+
+    def med_ttft(name: str, L: int) -> float | None:
+        return _med([s.ttft for s in samples(name, L) if s.ttft is not None])
+
+    def med_xfer(name: str, L: int) -> float | None:
+        return _med([s.xfer_s for s in samples(name, L) if s.xfer_s is not None])
+
+    lines = ["TTFT ms, median / p99:",
+             "| prompt tokens | single | " + " | ".join(alones + pds) + " | "
+             + " | ".join(f"kvlane/{n} TTFT" for n in nixls) + " | "
+             + " | ".join(f"{n} P hop ms" for n in nixls) + " | same tokens as single: " + ", ".join(pds) + " |"]
+    lines.append("|" + "---|" * (3 + len(alones) + len(pds) + 2 * len(nixls)))
     for L in lengths:
-        cells, meds = [], {}
-        for name in ("single", "kvlane", "nixl"):
-            samples = runs.get(name, {}).get(L, [])
-            if samples:
-                c, meds[name] = _cell(samples)
-            else:
-                c, meds[name] = "not run", None
-            cells.append(c)
-        ratio = (f"{meds['kvlane'] / meds['nixl']:.2f}x" if meds.get("kvlane") and meds.get("nixl") else "-")
-        kx, kb = _xfer(runs.get("kvlane", {}).get(L, []))
-        nx, nb = _xfer(runs.get("nixl", {}).get(L, []))
-        kcell = f"{kx * 1e3:.1f} ({kb / 1e6:.2f} MB)" if kx is not None and kb is not None else "-"
-        ncell = f"{nx * 1e3:.1f} ({nb / 1e6:.2f} MB)" if nx is not None and nb is not None else "-"
-        xratio = f"{kx / nx:.2f}x" if kx and nx else "-"
-        ref = runs.get("single", {}).get(L, [])
+        ref = samples("single", L)
         eq = []
-        for name in ("kvlane", "nixl"):
-            got = runs.get(name, {}).get(L, [])
-            if not got or not ref:
-                eq.append("-")
-                continue
-            same = sum(1 for a, b in zip(got, ref, strict=False)
-                       if a.tokens is not None and b.tokens is not None and a.tokens == b.tokens)
-            eq.append(f"{same}/{len(got)}")
-        lines.append(f"| {L} | {cells[0]} | {cells[1]} | {cells[2]} | {ratio} | {kcell} | {ncell} | {xratio} "
-                     f"| {', '.join(eq)} |")
+        for n in pds:
+            got = samples(n, L)
+            same = sum(1 for a, b in zip(got, ref, strict=False) if a.tokens is not None and a.tokens == b.tokens)
+            eq.append(f"{same}/{len(got)}" if got and ref else "-")
+        hops = [_med([s.p_hop_s for s in samples(n, L) if s.p_hop_s is not None]) for n in nixls]
+        lines.append(f"| {L} | {_ttft_cell(ref)} | " + " | ".join(_ttft_cell(samples(n, L)) for n in alones + pds)
+                     + " | "
+                     + " | ".join(_ratio(med_ttft("kvlane", L), med_ttft(n, L)) for n in nixls) + " | "
+                     + " | ".join(f"{h * 1e3:.0f}" if h is not None else "-" for h in hops) + " | "
+                     + ", ".join(eq) + " |")
+    lines += ["", "Connector transfer time ms, median (each connector's own measurement, same KV bytes):",
+              "| prompt tokens | KV bytes | " + " | ".join(pds) + " | "
+              + " | ".join(f"kvlane/{n}" for n in nixls) + " |",
+              "|" + "---|" * (2 + len(pds) + len(nixls))]
+    for L in lengths:
+        sizes = sorted({s.xfer_bytes for n in pds for s in samples(n, L) if s.xfer_bytes is not None})
+        xs = {n: med_xfer(n, L) for n in pds}
+        lines.append(f"| {L} | {', '.join(f'{b / 1e6:.2f} MB' for b in sizes) or '-'} | "
+                     + " | ".join(f"{xs[n] * 1e3:.1f}" if xs[n] is not None else "-" for n in pds) + " | "
+                     + " | ".join(_ratio(xs["kvlane"], xs[n]) for n in nixls) + " |")
     for line in lines:
         say(line)
     fails = [(n, L, s.error) for n, per in runs.items() for L, ss in per.items() for s in ss if s.error]
-    if fails:
-        say("failures:")
-        for n, L, e in fails:
-            say(f"  {n} {L} tokens: {e}")
+    say(f"failures: {len(fails)}")
+    for n, L, e in fails:
+        say(f"  {n} {L} tokens: {e}")
     say("TTFT = client send -> first streamed chunk, through each setup's front (kvlane: router process; NIXL: "
-        "this script as proxy, P then D). On 2 cores end-to-end TTFT is dominated by CPU contention between "
-        "the engines (FACTS.md); the transfer columns (each connector's own measured time for the same KV "
-        "bytes: kvlane P's per-transfer log, NIXL D's xfer-time histogram) are the fair connector comparison.")
+        "this script as proxy, P then D; 'P hop' = its P request). single = kvlane's P called directly, "
+        "single[nixl.. P] = that pair's P called directly. On 2 cores end-to-end TTFT is dominated by "
+        "CPU contention between the engines (FACTS.md); the transfer table (each connector's own measured time "
+        "for the same KV bytes: kvlane P's per-transfer log, NIXL D's xfer-time histogram) is the fair "
+        "connector comparison.")
     return lines
 
 
@@ -388,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=180.0, help="per-request deadline, seconds")
     ap.add_argument("--startup-timeout", type=float, default=900.0)
     ap.add_argument("--skip", choices=["kvlane", "nixl"], action="append", default=[])
-    ap.add_argument("--nixl-ucx-tls", default="", help="UCX_TLS for the NIXL engines (default: UCX chooses)")
+    ap.add_argument("--nixl-ucx-tls", action="append", default=None,
+                    help="UCX_TLS of one NIXL pair, repeatable; 'default' = UCX chooses (shared memory on one "
+                         "host). Default: two pairs, 'default' and 'tcp'")
     ap.add_argument("--logs", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write every sample here")
     args = ap.parse_args(argv)
@@ -416,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
         if "kvlane" not in args.skip:
             run_kvlane(model, prompts, args, logs, res, say)
         if "nixl" not in args.skip:
-            run_nixl(model, prompts, args, logs, res, say)
+            for tls in args.nixl_ucx_tls or ["default", "tcp"]:
+                run_nixl(model, prompts, args, logs, res, say, tls)
     except KeyboardInterrupt:
         say("interrupted: reporting what was measured")
     say(f"\nresults ({time.monotonic() - started:.0f}s wall, {time.strftime('%Y-%m-%d %H:%M')}):")
