@@ -229,6 +229,7 @@ class WorkerSide:
         self._report = KVLaneWorkerMeta()
         self._registrar: threading.Thread | None = None
         self._closed = threading.Event()
+        self._policy_client: Any = None  # SyncPolicyClient kept open: it re-registers after a service restart
 
     # -- setup ------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -249,25 +250,27 @@ class WorkerSide:
             self._registrar.start()
 
     def _register(self, desc: bytes) -> None:
-        """Publish this rank's descriptor; retried until it lands (the policy service may start later)."""
+        """Publish this rank's descriptor; retried until it lands (the policy service may start later).
+        The client stays open afterwards: after a policy-service restart it re-registers the descriptor."""
         from kvlane.integration.policy_service.client import SyncPolicyClient
 
         delay = 0.5
         client = SyncPolicyClient(self.cfg.policy, timeout=self.cfg.rpc_timeout_s)
-        try:
-            while not self._closed.is_set():
-                try:
-                    client.register_rank(self.cfg.engine_id, self.rank, desc)
-                    logger.info("kvlane rank %d: registered receive endpoint %s (%s) with %s", self.rank,
-                                self.path.endpoint() if self.path else "?", self.cfg.transport, self.cfg.policy)
-                    return
-                except Exception as exc:
-                    logger.warning("kvlane rank %d: register_rank failed (%s); retrying in %.1fs",
-                                   self.rank, exc, delay)
-                    self._closed.wait(delay)
-                    delay = min(delay * 2, 10.0)
-        finally:
-            client.close()
+        while not self._closed.is_set():
+            try:
+                client.register_rank(self.cfg.engine_id, self.rank, desc)
+                logger.info("kvlane rank %d: registered receive endpoint %s (%s) with %s", self.rank,
+                            self.path.endpoint() if self.path else "?", self.cfg.transport, self.cfg.policy)
+                self._policy_client = client
+                if self._closed.is_set():  # shut down while registering
+                    client.close()
+                return
+            except Exception as exc:
+                logger.warning("kvlane rank %d: register_rank failed (%s); retrying in %.1fs",
+                               self.rank, exc, delay)
+                self._closed.wait(delay)
+                delay = min(delay * 2, 10.0)
+        client.close()
 
     # -- per step ---------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVLaneMetadata) -> None:
@@ -348,6 +351,8 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self._closed.set()
+        if self._policy_client is not None:
+            self._policy_client.close()
         if self.path is not None:
             self.path.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
