@@ -20,10 +20,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 #: Environment every child gets (FACTS.md): UCX prints a warning to stdout in every process unless told
 #: not to; shared memory with error handling; blocking progress (the only usable mode on 2 cores).
@@ -227,6 +227,21 @@ class PolicyProcess(ManagedProcess):
         return self.wait_for_log(POLICY_LISTENING, timeout).group(1)
 
 
+
+_P = TypeVar("_P", bound="ManagedProcess")
+
+
+def _start_and_wait(proc: _P, ready: Callable[[float], Any], wait: float | None) -> _P:
+    """Start `proc`; unless `wait` is None, block on `ready(wait)` and stop the process if that fails."""
+    proc.start()
+    if wait is not None:
+        try:
+            ready(wait)
+        except BaseException:
+            proc.stop()
+            raise
+    return proc
+
 def start_policy_service(
     topology_spec: str,
     port: int,
@@ -248,14 +263,7 @@ def start_policy_service(
         host=host,
         port=port,
     )
-    proc.start()
-    if wait is not None:
-        try:
-            proc.wait_ready(wait)
-        except BaseException:
-            proc.stop()
-            raise
-    return proc
+    return _start_and_wait(proc, proc.wait_ready, wait)
 
 
 # --------------------------------------------------------------------------------------------- vLLM
@@ -495,14 +503,7 @@ def start_router(
         host=host,
         port=port,
     )
-    proc.start()
-    if wait is not None:
-        try:
-            proc.wait_healthy(wait)
-        except BaseException:
-            proc.stop()
-            raise
-    return proc
+    return _start_and_wait(proc, proc.wait_healthy, wait)
 
 
 # --------------------------------------------------------------------------------------------- groups
