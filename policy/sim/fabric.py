@@ -49,6 +49,22 @@ class SimFabric:
         self.link_scale = link_scale
         #: Rate of a transfer whose path has no links (same node: NVLink / shared memory), in bytes/s.
         self.local_rate = local_gbps * 1e9 / 8
+        self._ends: dict[str, str] = {}
+
+    def _end(self, name: str) -> str:
+        """A link endpoint as the walk sees it: a NIC port is its GPU (a relayed path goes GPU -NVLink-> sibling
+        GPU -> the sibling's port), anything else is itself."""
+        got = self._ends.get(name)
+        if got is None:
+            owner = getattr(self.topology, "gpu_of_port", None)
+            got = name
+            if owner is not None:
+                try:
+                    got = owner(name)
+                except ValueError:  # TopologyError: not a port
+                    pass
+            self._ends[name] = got
+        return got
 
     def capacity(self, link_id: str) -> float:
         """Bytes/s of one direction of a cable (after `link_scale`)."""
@@ -63,24 +79,27 @@ class SimFabric:
         objs = [self.topology.link(lid) for lid in links]
         if not objs:
             return out
+        end = self._end
         first = objs[0]
-        starts = {src_gpu} | ({src_nic} if src_nic else set())
-        if first.a in starts:
-            cur = first.a
-        elif first.b in starts:
-            cur = first.b
+        starts = {end(src_gpu)} | ({end(src_nic)} if src_nic else set())
+        fa, fb = end(first.a), end(first.b)
+        if fa in starts:
+            cur = fa
+        elif fb in starts:
+            cur = fb
         elif len(objs) > 1:
-            nxt = {objs[1].a, objs[1].b}
-            cur = first.b if first.a in nxt and first.b not in nxt else first.a
+            nxt = {end(objs[1].a), end(objs[1].b)}
+            cur = fb if fa in nxt and fb not in nxt else fa
         else:
-            cur = first.a
+            cur = fa
         for link in objs:
-            if link.a == cur:
+            a, b = end(link.a), end(link.b)
+            if a == cur:
                 out.append((link.id, 0))
-                cur = link.b
-            elif link.b == cur:
+                cur = b
+            elif b == cur:
                 out.append((link.id, 1))
-                cur = link.a
+                cur = a
             else:
                 raise ValueError(f"path from {src_gpu}: link {link.id} ({link.a}--{link.b}) does not continue "
                                  f"from {cur}")

@@ -85,6 +85,7 @@ class SimResult:
             "completed": len(done),
             "prefill_engines": len(sim.prefills),
             "decode_engines": len(sim.decodes),
+            "engines_down": len(getattr(sim, "down_engines", ())),
             "ttft_p50_s": percentile(ttft, 50),
             "ttft_p99_s": percentile(ttft, 99),
             "kv_transfer_p50_s": percentile(kv_t, 50),

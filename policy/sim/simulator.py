@@ -235,15 +235,24 @@ class Simulator:
         self.timeline: list[tuple[float, float, Any, float]] = []
         self._last_t = 0.0
         self._next_turn: dict[str, Turn] = {}
+        #: Engines not registered because a GPU of theirs has no route (a failed switch, see `failure.degrade`).
+        self.down_engines: list[str] = []
         self._build_engines()
 
     # ---- setup -----------------------------------------------------------------------------------------------
     def _build_engines(self) -> None:
         cfg = self.config
+        down = getattr(self.topology, "down_gpus", frozenset())
         for eid, role, gpus in plan_engines(self.topology, cfg):
+            if down and not down.isdisjoint(gpus):
+                self.down_engines.append(eid)
+                continue
             eng = Engine(eid, role, gpus, capacity=cfg.cost.decode_kv_bytes if role == Role.DECODE else 0)
             self.engines[eid] = eng
             (self.prefills if role == Role.PREFILL else self.decodes).append(eid)
+        if not self.prefills or not self.decodes:
+            raise SimError(f"after failures {len(self.down_engines)} engines are down, leaving {len(self.prefills)} "
+                           f"prefill and {len(self.decodes)} decode engines; need at least one of each")
         for eng in self.engines.values():
             info = EngineInfo(engine_id=eng.engine_id, role=eng.role, gpus=eng.gpus,
                               kv_bytes_per_token=cfg.cost.kv_bytes_per_token,
