@@ -8,6 +8,7 @@ ingress credits, side by side in one run, in two scenarios:
 
     python benchmarks/sim_credits.py            # small fabrics, about a minute on 2 cores
     python benchmarks/sim_credits.py --full     # 1,024-GPU fabrics
+    python benchmarks/sim_credits.py --lease-retry poll   # denied P polls after retry_after (the old behaviour)
 
 Reads: "D in max/p99" = concurrent incoming KV streams per decode engine, seen when a stream starts;
 "KV xfer" = wire time (lease granted → last byte); "KV wait" = prefill done → last byte (lease waits
@@ -37,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default="waves,bursty")
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--lease-retry", choices=["wakeup", "poll"], default="wakeup",
+                    help="denied P: wait in D's FIFO queue and wake on a release (default), or poll after retry_after")
     args = ap.parse_args(argv)
     fabrics = ([("ZCube(32,2) cell, 1,024 GPUs", "zcube:n=32,k=2,gpus_per_node=8,tiles=3:2"),
                 ("fat-tree 4:1, 1,024 GPUs", "fattree:k=16,oversub=4,gpus_per_node=4,tiles=3:2")] if args.full else
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, spec in fabrics:
             topo = load_topology(spec)
             if scenario == "waves":
-                cfg = SimConfig(cost=CostModel(kv_bytes_per_token=DENSE_70B_KV_BYTES_PER_TOKEN))
+                cfg = SimConfig(cost=CostModel(kv_bytes_per_token=DENSE_70B_KV_BYTES_PER_TOKEN),
+                                lease_retry=args.lease_retry)
                 n_p = sum(1 for _, r, _ in plan_engines(topo, cfg) if r.can_prefill())
                 wl = synchronized(n_p * args.per_p, prompt_tokens=32_000, output_tokens=200, waves=5,
                                   interval_s=20.0, name="waves")
@@ -57,14 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                         "apart, dense 70B KV")
                 kw = {}
             else:
-                cfg = SimConfig()
+                cfg = SimConfig(lease_retry=args.lease_retry)
                 wl = "repo-heavy"  # type: ignore[assignment]
                 desc = "repo-heavy one-shot, bursty clumps (mean 12), load 80%, GLM-5.1 KV"
                 kw = {"load": 0.8, "requests": 600 if args.full else 300, "arrivals": "bursty", "burst_size": 12.0,
                       "multi_turn": False, "seed": args.seed}
             results = [simulate(topo, policy, workload=wl, credits=credits, config=cfg, policy_config=pcfg, **kw)
                        for policy in ("kvlane", "least-loaded", "random") for credits in (True, False)]
-            title = f"credits on/off, {scenario}: {label} ({spec}), {desc}, max_streams {args.max_streams}"
+            title = (f"credits on/off, {scenario}: {label} ({spec}), {desc}, max_streams {args.max_streams}, "
+                     f"lease retry {args.lease_retry}")
             extra = {"denials": [str(r.summary["lease_denials"]) for r in results],
                      "lease wait p99 s": [f"{r.summary['lease_wait_p99_s']:.3f}" for r in results]}
             console.print(render_table(results, title=title, extra=extra))

@@ -48,7 +48,9 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
          seed: int, arrivals: str, burst: float, credits: bool | None, max_streams: int | None,
          link_scale: float, pd_ratio: str, sticky: bool, kv_bytes_per_token: int | None,
          prefill_tps: float | None, want_timeline: bool, decode_tps: float | None = None,
-         decode_kv_gib: float | None = None) -> list[Any]:
+         decode_kv_gib: float | None = None, fail: list[str] | None = None, relay: str = "nvlink",
+         lease_retry: str = "wakeup") -> list[Any]:
+    from kvlane.policy.sim.failure import RELAYS, degrade, parse_failures
     from kvlane.policy.topology import TopologyError, load_topology
 
     for p in policies:
@@ -58,6 +60,16 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
         topo = load_topology(topology)
     except (TopologyError, ValueError, OSError) as exc:
         _fail(f"--topology {topology!r}: {exc}")
+    if relay not in RELAYS:
+        _fail(f"--relay must be one of {', '.join(RELAYS)}, got {relay!r}")
+    if lease_retry not in ("wakeup", "poll"):
+        _fail(f"--lease-retry must be wakeup or poll, got {lease_retry!r}")
+    if fail:
+        try:
+            switches, links = parse_failures(fail)
+            topo = degrade(topo, switches, links, relay=relay)  # type: ignore[arg-type]
+        except TopologyError as exc:
+            _fail(f"--fail: {exc}")
     cost_kw: dict[str, Any] = {}
     if kv_bytes_per_token is not None:
         cost_kw["kv_bytes_per_token"] = kv_bytes_per_token
@@ -69,7 +81,8 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
         cost_kw["decode_kv_bytes"] = int(decode_kv_gib * (1 << 30))
     try:
         cfg = SimConfig(cost=CostModel(**cost_kw), pd_ratio=_pd(pd_ratio), link_scale=link_scale,
-                        sticky_sessions=sticky, record_timeline=want_timeline)
+                        sticky_sessions=sticky, record_timeline=want_timeline,
+                        lease_retry=lease_retry)  # type: ignore[arg-type]
         pcfg = PolicyConfig(credits=CreditConfig(max_streams=max_streams)) if max_streams else None
         wl: Any = load_trace(trace) if trace else workload
         if not trace and workload not in PROFILES:
@@ -103,6 +116,12 @@ _DTPS = typer.Option(None, "--decode-tps", help="Decode tokens/s per sequence (d
 _DKV = typer.Option(None, "--decode-kv-gib", help="KV memory per decode engine, GiB (default 400).")
 _PLOT = typer.Option(None, "--plot", help="Write PNG plots (CDFs, link-utilisation heat map) here.")
 _JSON = typer.Option(False, "--json", help="Print JSON instead of a table.")
+_FAIL = typer.Option(None, "--fail", help="Fail a switch or link for the whole run: switch:<id>, link:<id> or a "
+                     "bare switch id; repeatable (docs/simulator.md, 'Single switch failure').")
+_RELAY = typer.Option("nvlink", "--relay", help="A GPU whose every NIC failed: nvlink (use a sibling GPU's NIC) "
+                      "or none (its engine is drained).")
+_RETRY = typer.Option("wakeup", "--lease-retry", help="Denied lease: wakeup (FIFO queue per D, woken on release) "
+                      "or poll (ask again after retry_after).")
 
 
 @app.command("run")
@@ -113,14 +132,15 @@ def run_cmd(
     credits: bool | None = _CRED, max_streams: int | None = _MS, link_scale: float = _LS, pd_ratio: str = _PD,
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
     decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
-    plot_path: str | None = _PLOT, as_json: bool = _JSON,
+    plot_path: str | None = _PLOT, as_json: bool = _JSON, fail: list[str] | None = _FAIL, relay: str = _RELAY,
+    lease_retry: str = _RETRY,
 ) -> None:
     """Simulate one policy: TTFT, KV-transfer time, D ingress concurrency, link utilisation, bytes moved."""
     results = _run([policy], topology=topology, workload=workload, trace=trace, load=load, requests=requests,
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
                    prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
-                   decode_kv_gib=decode_kv_gib)
+                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry)
     _emit(results, as_json, plot_path, f"{policy} on {topology}, {trace or workload} at load {load}")
 
 
@@ -132,7 +152,8 @@ def compare_cmd(
     credits: bool | None = _CRED, max_streams: int | None = _MS, link_scale: float = _LS, pd_ratio: str = _PD,
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
     decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
-    plot_path: str | None = _PLOT, as_json: bool = _JSON,
+    plot_path: str | None = _PLOT, as_json: bool = _JSON, fail: list[str] | None = _FAIL, relay: str = _RELAY,
+    lease_retry: str = _RETRY,
 ) -> None:
     """Simulate several policies on the same workload, side by side."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
@@ -140,7 +161,7 @@ def compare_cmd(
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
                    prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
-                   decode_kv_gib=decode_kv_gib)
+                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry)
     _emit(results, as_json, plot_path, f"{topology}, {trace or workload} at load {load}")
 
 

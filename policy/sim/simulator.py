@@ -99,6 +99,11 @@ class SimConfig:
     horizon_s: float = 1e7
     #: Keep per-link rate segments for the utilisation heat map (memory grows with events × busy links).
     record_timeline: bool = False
+    #: What a P does when its lease is denied. "wakeup": it waits in a FIFO queue and is woken when a lease
+    #: ends — a denial naming the decode engine queues on that D (woken when one of D's leases ends; later
+    #: prefills for D queue behind it instead of asking), any other denial (a link quota) waits for any lease
+    #: to end. "poll": it asks again after the denial's `retry_after` (fresh requests may overtake it).
+    lease_retry: Literal["wakeup", "poll"] = "wakeup"
 
 
 @dataclass
@@ -235,6 +240,9 @@ class Simulator:
         self.timeline: list[tuple[float, float, Any, float]] = []
         self._last_t = 0.0
         self._next_turn: dict[str, Turn] = {}
+        #: Denied transfers waiting for a lease (lease_retry="wakeup"): per decode engine, and for link quotas.
+        self._d_waiters: dict[str, deque[Request]] = {}
+        self._link_waiters: deque[Request] = deque()
         #: Engines not registered because a GPU of theirs has no route (a failed switch, see `failure.degrade`).
         self.down_engines: list[str] = []
         self._build_engines()
@@ -405,18 +413,49 @@ class Simulator:
         if not math.isnan(req.allocated_at):
             self._ask_lease(req)
 
-    def _ask_lease(self, req: Request) -> None:
+    def _ask_lease(self, req: Request, woken: bool = False, head: bool = False) -> bool:
+        """Ask the policy for the lease; True when granted (the transfer has started). With wake-ups, a request
+        for a decode engine that already has waiters queues behind them without asking (FIFO)."""
         if math.isnan(req.lease_asked):
             req.lease_asked = self.now
+        wakeup = self.config.lease_retry == "wakeup"
+        if wakeup and not woken and self._d_waiters.get(req.decode):
+            self._d_waiters[req.decode].append(req)
+            return False
         self.policy.expire(self.now)
         lr = LeaseRequest(transfer_id=req.turn.request_id, prefill=req.prefill, decode=req.decode,
                           bytes=req.kv_bytes)
         got = self.policy.acquire_lease(lr, self.now)
         if isinstance(got, LeaseDenied):
             req.denials += 1
-            self._at(self.now + max(got.retry_after, 1e-6), "retry_lease", req)
-            return
+            if not wakeup:
+                self._at(self.now + max(got.retry_after, 1e-6), "retry_lease", req)
+            elif got.reason.startswith(f"decode {req.decode} "):
+                q = self._d_waiters.setdefault(req.decode, deque())
+                if head:
+                    q.appendleft(req)  # it was the head of D's queue: it stays the head
+                else:
+                    q.append(req)
+            else:
+                self._link_waiters.append(req)
+            return False
         self._start_transfer(req, got)
+        return True
+
+    def _wake(self, decode: str) -> None:
+        """A lease on `decode` ended: its waiters ask again in FIFO order until one is refused (it keeps its
+        place), then every link-quota waiter asks once, in order."""
+        q = self._d_waiters.get(decode)
+        while q:
+            req = q.popleft()
+            if not self._ask_lease(req, woken=True, head=True) and q and q[0] is req:
+                break
+        if q is not None and not q:
+            del self._d_waiters[decode]
+        if self._link_waiters:
+            pending, self._link_waiters = self._link_waiters, deque()
+            for req in pending:
+                self._ask_lease(req, woken=True)
 
     def _on_retry_lease(self, req: Request) -> None:
         self._ask_lease(req)
@@ -464,6 +503,8 @@ class Simulator:
                                seconds=tr.rank_done[r] - start, ok=True) for r in sorted(tr.rank_done)])
         if not self.policy.release_lease(lease_id, outcome, self.now):
             req.late_release = True
+        if self.config.lease_retry == "wakeup":
+            self._wake(d.engine_id)
         d.slot_queue.append(req)
         self._try_decode(d)
 

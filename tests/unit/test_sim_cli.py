@@ -70,3 +70,19 @@ def test_export_trace_round_trips_through_run(tmp_path):
     res = runner.invoke(app, ["simulate", "run", *SMALL, "--trace", str(path), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)[0]["summary"]["completed"] == 30
+
+
+def test_fail_drains_engines_behind_a_dead_tor_and_refuses_unknown_switches():
+    # roft 16 nodes x 4 rails, radix 8: leaf l0.r0 serves rank 0 of nodes n0-n3; without a relay those 4
+    # engines are drained, and every request still completes on the other 12.
+    topo = ["--topology", "roft:nodes=16,rails=4,radix=8", "--requests", "30", "--seed", "1"]
+    res = runner.invoke(app, ["simulate", "run", *topo, "--fail", "switch:l0.r0", "--relay", "none", "--json"])
+    assert res.exit_code == 0, res.output
+    (out,) = json.loads(res.output)
+    assert out["summary"]["engines_down"] == 4 and out["summary"]["completed"] == 30
+    assert not any(h["link"].startswith(("n0.g0.p0--l0.r0", "l0.r0--")) for h in out["hottest_links"])
+    res = runner.invoke(app, ["simulate", "run", *topo, "--fail", "l0.r0", "--lease-retry", "poll", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)[0]["summary"]["engines_down"] == 0
+    res = runner.invoke(app, ["simulate", "run", *topo, "--fail", "zz9"])
+    assert res.exit_code != 0 and "cannot fail unknown switch 'zz9'" in res.output
