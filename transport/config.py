@@ -72,6 +72,10 @@ class TransportConfig(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     #: How long an incoming offer waits for the matching `expect()` before it is refused.
     offer_hold_s: float = Field(default=30.0, gt=0)
+    #: A push whose offer got no answer within this many seconds sends the same offer again (then after
+    #: twice as long, at most every 8 s) until its deadline; the receiver ignores or re-answers copies.
+    #: None = offer once and wait for the deadline.
+    offer_retry_s: float | None = Field(default=2.0, gt=0)
     #: Tagged sends in flight per transfer (ucx backend).
     max_inflight_sends: int = Field(default=48, ge=1, le=90)
     #: Set when P and D run different TP sizes; without it rank i only talks to rank i.

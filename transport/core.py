@@ -13,6 +13,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,6 +53,10 @@ log = logging.getLogger("kvlane.transport")
 #: Open challenges (hellos not yet answered) a receiver keeps at once; more hellos are refused until some
 #: are answered or time out after connect_timeout_s (bounds what strangers can make us hold).
 MAX_PENDING_CHALLENGES = 1024
+#: Longest silence between two copies of an unanswered offer (the first repeat comes after offer_retry_s).
+OFFER_RETRY_MAX_S = 8.0
+#: Finished expects a receiver remembers (transfer id → outcome) to answer late or repeated offers at once.
+MAX_ENDED = 4096
 
 
 class Link(Protocol):
@@ -107,6 +112,18 @@ class _Expect:
     path: str = ""
     offer: Offer | None = None
     state: str = "waiting"  # waiting → receiving (→ abandoning) → finished
+
+
+@dataclass(eq=False)
+class _Ended:
+    """Receiver side: how an expect finished, kept (bounded, MAX_ENDED) to answer copies and late offers."""
+
+    offer: Offer | None  # the offer it was bound to (None: none came)
+    path: str
+    ok: bool
+    nbytes: int
+    error: str | None
+    at: float  # time.monotonic() when it finished
 
 
 @dataclass(eq=False)
@@ -166,6 +183,7 @@ class KVTransport:
         self._layout_tag = ""
         self._expects: dict[str, _Expect] = {}
         self._offers: dict[str, _HeldOffer] = {}
+        self._ended: OrderedDict[str, _Ended] = OrderedDict()  # receiver: tid → outcome of its last expect
         self._waiters: dict[str, asyncio.Queue[Wire]] = {}
         self._reconnecting: dict[tuple[str, str], asyncio.Lock] = {}
         secret = self.config.secret
@@ -512,7 +530,7 @@ class KVTransport:
                 self._reply_keys[tid] = (sess.key, offer.seq, tag_base)
             await link.send_ctrl(offer)
             stage[0] = "waiting for the receiver to arm"
-            reply = await _next(q, link, None)
+            reply = await self._offer_reply(q, link, offer)
             if isinstance(reply, (Reject, Fail)):
                 raise PeerError(f"receiver refused: {reply.error}")
             if not isinstance(reply, Ready):
@@ -520,23 +538,31 @@ class KVTransport:
             stage[0] = "sending data"
             views = [span(self._regions[r.region], r.src_offset, r.nbytes) for r in runs]
             send = asyncio.ensure_future(link.send_runs(tid, tag_base, views))
-            get = asyncio.ensure_future(q.get())
+            reply = None
             try:
-                await asyncio.wait({send, get, link.dead}, return_when=asyncio.FIRST_COMPLETED)
+                while reply is None and not send.done() and not link.dead.done():
+                    get = asyncio.ensure_future(q.get())
+                    try:
+                        await asyncio.wait({send, get, link.dead}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not get.done():
+                            get.cancel()
+                    if get.done() and not get.cancelled() and not isinstance(get.result(), Ready):
+                        reply = get.result()  # the receiver answered before our sends finished (a failure)
+                    # a READY here answers a repeated copy of our offer: already acted on, ignored
             finally:
-                for t in (send, get):
-                    if not t.done():
-                        t.cancel()
-                    elif not t.cancelled():
-                        t.exception()  # retrieved here; the reason is reported below via the link
-            if get.done() and not get.cancelled():
-                reply = get.result()  # the receiver answered before our sends finished (a failure)
-            elif link.dead.done():
-                raise PeerError(f"link to {link.peer_key} broke: {link.dead.result()}")
-            else:
+                if not send.done():
+                    send.cancel()
+                elif not send.cancelled():
+                    send.exception()  # retrieved here; the reason is reported below via the link
+            if reply is None:
+                if link.dead.done():
+                    raise PeerError(f"link to {link.peer_key} broke: {link.dead.result()}")
                 send.result()
                 stage[0] = "waiting for the receiver's confirmation"
                 reply = await _next(q, link, None)
+                while isinstance(reply, Ready):  # late answers to repeated copies of our offer
+                    reply = await _next(q, link, None)
             if isinstance(reply, Fail):
                 raise PeerError(f"receiver failed: {reply.error}")
             if not isinstance(reply, Done) or reply.nbytes != nbytes:
@@ -554,6 +580,21 @@ class KVTransport:
         finally:
             self._waiters.pop(tid, None)
             self._reply_keys.pop(tid, None)
+
+    async def _offer_reply(self, q: asyncio.Queue[Wire], link: Link, offer: Offer) -> Wire:
+        """The receiver's first answer to ``offer``. Silence for ``offer_retry_s`` (doubling, at most
+        OFFER_RETRY_MAX_S) sends the very same offer again: a receiver that has not seen it arms on the copy,
+        one that has answers again or ignores it (`_on_offer`); the push's deadline still bounds the wait."""
+        interval = self.config.offer_retry_s
+        while True:
+            try:
+                return await _next(q, link, interval)
+            except TimeoutError:
+                assert interval is not None  # without a timeout _next never times out
+                log.info("kvlane transport %s: no answer to offer %s from %s within %.1fs; offering it again",
+                         self.key, offer.tid, link.peer_key, interval)
+                await link.send_ctrl(offer)
+                interval = min(2 * interval, OFFER_RETRY_MAX_S)
 
     # receiver
 
@@ -608,6 +649,10 @@ class KVTransport:
         if e.timer is not None:
             e.timer.cancel()
         self._expects.pop(e.tid, None)
+        self._ended.pop(e.tid, None)
+        self._ended[e.tid] = _Ended(e.offer, e.path, ok, e.nbytes, error, time.monotonic())
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
         _resolve(e.future, TransferResult(e.tid, ok, e.nbytes if ok else 0, _elapsed(e.t0), e.path, error))
 
     def _reply(self, link: Link, msg: Wire) -> None:
@@ -772,6 +817,12 @@ class KVTransport:
             return "it carries no session MAC"
         if not auth.check(auth.offer_mac(sess.key, offer.model_copy(update={"mac": None}).to_msgpack()), offer.mac):
             return "its session MAC is wrong"
+        return None
+
+    def _seq_refusal(self, path: str, offer: Offer) -> str | None:
+        """Secret set, offer authentic and not a copy of one we hold: why its sequence number is refused."""
+        sess = self._rx_sessions[(path, offer.sender)]
+        assert offer.seq is not None  # checked by _offer_refusal
         if not sess.seqs.accept(offer.seq):
             return f"its sequence number {offer.seq} was already used (replayed?)"
         return None
@@ -806,12 +857,28 @@ class KVTransport:
                 log.warning("kvlane transport %s: refused offer %s (claiming sender %s) from %s on path %s: %s",
                             self.key, offer.tid, offer.sender, _addr(link), path, why)
                 return
+        if self._repeated_offer(link, path, offer):
+            return
+        if self._secret is not None:
+            why = self._seq_refusal(path, offer)
+            if why is not None:
+                log.warning("kvlane transport %s: refused offer %s (claiming sender %s) from %s on path %s: %s",
+                            self.key, offer.tid, offer.sender, _addr(link), path, why)
+                return
         e = self._expects.get(offer.tid)
         if e is not None and e.state == "waiting":
             self._bind(e, link, offer, path)
             return
         if e is not None or offer.tid in self._offers:
             self._reply(link, self._seal(Reject(tid=offer.tid, error=f"transfer {offer.tid!r} is already in progress here"),
+                                         path, offer))
+            return
+        ended = self._ended.get(offer.tid)
+        if ended is not None:  # the expect is over: say so now rather than hold the offer until the sender's deadline
+            ago = time.monotonic() - ended.at
+            what = f"ended {ago:.1f}s before this offer arrived: " + (
+                "its bytes were already received from another offer" if ended.ok else str(ended.error))
+            self._reply(link, self._seal(Reject(tid=offer.tid, error=f"expect({offer.tid!r}) on {self.key} {what}"),
                                          path, offer))
             return
         hold = min(offer.wait_s, self.config.offer_hold_s)
@@ -822,6 +889,30 @@ class KVTransport:
                                                                       f"{hold}s"), path, offer))
 
         self._offers[offer.tid] = _HeldOffer(link, offer, path, self._loop.call_later(hold, drop))
+
+    def _repeated_offer(self, link: Link, path: str, offer: Offer) -> bool:
+        """True if ``offer`` is a byte-identical copy of one this receiver already took (the sender repeats an
+        unanswered offer, `_offer_reply`); it is then answered from the state it created, never bound twice.
+        With a secret only an authentic offer gets here, and a copy can only repeat an answer already given
+        for that very offer (the replies' MACs bind its seq and tag base): no replay can arm anything."""
+        wire = offer.to_msgpack()
+        e = self._expects.get(offer.tid)
+        if e is not None:
+            if e.offer is None or e.offer.to_msgpack() != wire:
+                return False
+            if e.state == "receiving":  # our READY may be what got lost
+                self._reply(link, self._seal(Ready(tid=offer.tid), path, offer))
+            return True  # abandoning: the FAIL is on its way
+        held = self._offers.get(offer.tid)
+        if held is not None:
+            return held.offer.to_msgpack() == wire  # still waiting for expect(): nothing to say yet
+        ended = self._ended.get(offer.tid)
+        if ended is None or ended.offer is None or ended.offer.to_msgpack() != wire:
+            return False
+        final: Wire = (Done(tid=offer.tid, nbytes=ended.nbytes) if ended.ok
+                       else Fail(tid=offer.tid, error=str(ended.error)))
+        self._reply(link, self._seal(final, path, offer))
+        return True
 
     def on_link_dead(self, link: Link, reason: str) -> None:
         self._tx_sessions.pop(link, None)
