@@ -7,7 +7,8 @@ topology through its public construction API and never touches the original, a f
 What a failure does (a failure is present from the start of a run — steady state with the fault):
 - every cable of a failed switch is gone, as are failed links; a NIC port whose cable is gone is dead;
 - a GPU pair keeps those of its original candidate paths that avoid every failed part (so untouched pairs keep
-  exactly their routes); when none survive, it is re-routed on the shortest routes of the surviving graph;
+  exactly their routes); a pair that lost a candidate also gets the shortest routes of the surviving graph (up to
+  the topology's ECMP width per port pair) as alternatives — its only routes when none survived;
 - a GPU left without any NIC port is either *relayed* over NVLink through a sibling GPU of its node that still
   has one (the path gains an NVLink hop and shares the sibling's NIC — what a rail-optimized fabric does when a
   rail's ToR dies), or, with `relay="none"`, *down*: the simulator does not register its engine, so the policy
@@ -169,10 +170,18 @@ def degrade(topology: Topology, switches: Iterable[str] = (), links: Iterable[st
         return not failed_links.intersection(p.links)
 
     def direct(src: str, dst: str) -> list[Path]:
-        kept = [p for p in base_paths(src, dst) if ok(p)]
-        if kept:
+        before = base_paths(src, dst)
+        kept = [p for p in before if ok(p)]
+        if len(kept) == len(before):
             return kept
-        return generic_router(t, src, dst, namer=lambda sp, dp, i: f"reroute-{sp}-{dp}" + (f"-{i}" if i else ""))
+        # Some candidates died: keep the survivors and add the surviving graph's shortest routes as
+        # alternatives (what ECMP converges to), so a pair that lost path diversity can still spread load.
+        seen = {p.links for p in kept}
+        for p in generic_router(t, src, dst, namer=lambda sp, dp, i: f"reroute-{sp}-{dp}" + (f"-{i}" if i else "")):
+            if p.links not in seen:
+                seen.add(p.links)
+                kept.append(p)
+        return kept
 
     def route(topo: Topology, src: str, dst: str) -> list[Path]:
         if src in down or dst in down:

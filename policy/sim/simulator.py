@@ -101,8 +101,9 @@ class SimConfig:
     record_timeline: bool = False
     #: What a P does when its lease is denied. "wakeup": it waits in a FIFO queue and is woken when a lease
     #: ends — a denial naming the decode engine queues on that D (woken when one of D's leases ends; later
-    #: prefills for D queue behind it instead of asking), any other denial (a link quota) waits for any lease
-    #: to end. "poll": it asks again after the denial's `retry_after` (fresh requests may overtake it).
+    #: prefills for D queue behind it instead of asking), a link-quota denial queues on that link (woken when a
+    #: lease crossing it ends). "poll": it asks again after the denial's `retry_after` (fresh requests may
+    #: overtake it).
     lease_retry: Literal["wakeup", "poll"] = "wakeup"
 
 
@@ -240,9 +241,9 @@ class Simulator:
         self.timeline: list[tuple[float, float, Any, float]] = []
         self._last_t = 0.0
         self._next_turn: dict[str, Turn] = {}
-        #: Denied transfers waiting for a lease (lease_retry="wakeup"): per decode engine, and for link quotas.
-        self._d_waiters: dict[str, deque[Request]] = {}
-        self._link_waiters: deque[Request] = deque()
+        #: Denied transfers waiting for a lease (lease_retry="wakeup"), FIFO per blocking resource:
+        #: ("d", decode engine), ("link", cable id) for a link quota, ("any", "") when the reason names neither.
+        self._waiters: dict[tuple[str, str], deque[Request]] = {}
         #: Engines not registered because a GPU of theirs has no route (a failed switch, see `failure.degrade`).
         self.down_engines: list[str] = []
         self._build_engines()
@@ -419,8 +420,8 @@ class Simulator:
         if math.isnan(req.lease_asked):
             req.lease_asked = self.now
         wakeup = self.config.lease_retry == "wakeup"
-        if wakeup and not woken and self._d_waiters.get(req.decode):
-            self._d_waiters[req.decode].append(req)
+        if wakeup and not woken and self._waiters.get(("d", req.decode)):
+            self._waiters[("d", req.decode)].append(req)
             return False
         self.policy.expire(self.now)
         lr = LeaseRequest(transfer_id=req.turn.request_id, prefill=req.prefill, decode=req.decode,
@@ -430,32 +431,43 @@ class Simulator:
             req.denials += 1
             if not wakeup:
                 self._at(self.now + max(got.retry_after, 1e-6), "retry_lease", req)
-            elif got.reason.startswith(f"decode {req.decode} "):
-                q = self._d_waiters.setdefault(req.decode, deque())
-                if head:
-                    q.appendleft(req)  # it was the head of D's queue: it stays the head
-                else:
-                    q.append(req)
+                return False
+            q = self._waiters.setdefault(self._blocker(req, got.reason), deque())
+            if head:
+                q.appendleft(req)  # an old waiter keeps its place at the head
             else:
-                self._link_waiters.append(req)
+                q.append(req)
             return False
         self._start_transfer(req, got)
         return True
 
-    def _wake(self, decode: str) -> None:
-        """A lease on `decode` ended: its waiters ask again in FIFO order until one is refused (it keeps its
-        place), then every link-quota waiter asks once, in order."""
-        q = self._d_waiters.get(decode)
+    @staticmethod
+    def _blocker(req: Request, reason: str) -> tuple[str, str]:
+        """What a denial waits for, from the ledger's reason: "decode <D> ..." or "link <id> quota: ..."."""
+        if reason.startswith(f"decode {req.decode} "):
+            return ("d", req.decode)
+        parts = reason.split(" ", 2)
+        if len(parts) == 3 and parts[0] == "link" and parts[2].startswith("quota"):
+            return ("link", parts[1])
+        return ("any", "")
+
+    def _drain(self, key: tuple[str, str]) -> None:
+        """Waiters on `key` ask again in FIFO order until one is refused for the same reason (it keeps its place)."""
+        q = self._waiters.get(key)
         while q:
             req = q.popleft()
             if not self._ask_lease(req, woken=True, head=True) and q and q[0] is req:
                 break
         if q is not None and not q:
-            del self._d_waiters[decode]
-        if self._link_waiters:
-            pending, self._link_waiters = self._link_waiters, deque()
-            for req in pending:
-                self._ask_lease(req, woken=True)
+            self._waiters.pop(key, None)
+
+    def _wake(self, decode: str, links: set[str]) -> None:
+        """A lease on `decode` over `links` ended: wake who waits for that D, for one of those links, or for
+        anything."""
+        self._drain(("d", decode))
+        for link in sorted(links):
+            self._drain(("link", link))
+        self._drain(("any", ""))
 
     def _on_retry_lease(self, req: Request) -> None:
         self._ask_lease(req)
@@ -503,8 +515,8 @@ class Simulator:
                                seconds=tr.rank_done[r] - start, ok=True) for r in sorted(tr.rank_done)])
         if not self.policy.release_lease(lease_id, outcome, self.now):
             req.late_release = True
-        if self.config.lease_retry == "wakeup":
-            self._wake(d.engine_id)
+        if self.config.lease_retry == "wakeup" and self._waiters:
+            self._wake(d.engine_id, {lk for pg in tr.grant.paths for lk in pg.links})
         d.slot_queue.append(req)
         self._try_decode(d)
 
