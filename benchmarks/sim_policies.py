@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="sessions (multi-turn, sticky deltas count) and/or one-shot (same bytes for all)")
     ap.add_argument("--link-scale", type=float, default=1.0, help="multiply every link's bandwidth")
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="listed",
+                    help="baselines' routing: one of the topology's listed routes, or per-hop ECMP hashing")
     ap.add_argument("--quiet", action="store_true", help="only the summary table")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown too (for docs)")
     args = ap.parse_args(argv)
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows: list[list[float]] = []
                 for seed in seeds:
                     results = [simulate(topo, p, workload=args.workload, load=load, requests=requests,
-                                        seed=seed, config=cfg, multi_turn=mode == "sessions") for p in policies]
+                                        seed=seed, config=cfg, multi_turn=mode == "sessions", ecmp=args.ecmp)
+                               for p in policies]
                     by = {r.policy: r.summary for r in results}
                     k = by["kvlane"]["kv_transfer_p99_s"] if "kvlane" in by else math.nan
                     tk = by["kvlane"]["ttft_p99_s"] if "kvlane" in by else math.nan

@@ -77,9 +77,11 @@ def simulate(
     config: SimConfig | None = None,
     policy_config: Any = None,
     multi_turn: bool = True,
+    ecmp: str = "listed",
 ) -> SimResult:
     """One run: `topology` (a Topology or a spec string for `load_topology`), a policy by name, a workload
-    (profile name, or a prepared `Workload` such as a trace) at `load` × the cluster's capacity."""
+    (profile name, or a prepared `Workload` such as a trace) at `load` × the cluster's capacity. `ecmp`: how
+    baselines route ("listed" or "per-hop", see `baselines.ECMP_MODES`)."""
     if isinstance(topology, str):
         from ..topology import load_topology
 
@@ -92,6 +94,6 @@ def simulate(
                       burst_size=burst_size, multi_turn=multi_turn)
     else:
         wl = workload
-    pol = make_policy(policy, topology, seed=seed, credits=credits, config=policy_config)
+    pol = make_policy(policy, topology, seed=seed, credits=credits, config=policy_config, ecmp=ecmp)
     name = policy if credits is None else f"{policy}{'+credits' if credits else '-credits'}"
     return Simulator(topology, pol, config, policy_name=name).run(wl)

@@ -35,6 +35,67 @@ POLICIES = ("kvlane",) + BASELINES
 #: Lease lifetime of a baseline without credits (it never expires a transfer in practice).
 _NO_CREDIT_TTL_S = 1e9
 
+#: How a baseline picks a rank stream's route. "listed": one of the topology's listed equal-cost candidates,
+#: hashed per stream (the topology lists at most `ecmp` routes per port pair, found depth-first, so on a
+#: fat-tree they share their first up-link). "per-hop": every switch hashes the stream over *all* its
+#: next hops on a shortest route, as switch ECMP does with per-flow (per-QP) hashing.
+ECMP_MODES = ("listed", "per-hop")
+
+
+class _PerHopECMP:
+    """Shortest switch routes with an independent per-stream hash at every hop (networkx BFS distances)."""
+
+    def __init__(self, topology: Any) -> None:
+        import networkx as nx
+
+        self.topology = topology
+        self.graph = nx.Graph()
+        switches = set(topology.switches)
+        self.graph.add_nodes_from(switches)
+        for link in topology.links:
+            if link.a in switches and link.b in switches:
+                self.graph.add_edge(link.a, link.b)
+        self._dist: dict[str, dict[str, int]] = {}
+        self._nx = nx
+
+    def dist(self, target: str) -> dict[str, int]:
+        d = self._dist.get(target)
+        if d is None:
+            d = self._dist[target] = dict(self._nx.single_source_shortest_path_length(self.graph, target))
+        return d
+
+    def route(self, src: str, dst: str, salt: str) -> Any:
+        """A Path src GPU -> dst GPU: the (src port, dst port) pair with the fewest switches (ties hashed),
+        then at each switch one of the next hops towards dst, hashed with the hop index."""
+        t = self.topology
+        sw = t.switches
+        best: list[tuple[int, str, str, str, str]] = []
+        for spid, _, si in t.port_records(src):
+            for dpid, _, di in t.port_records(dst):
+                d = self.dist(sw[di]).get(sw[si])
+                if d is None:
+                    continue
+                if not best or d < best[0][0]:
+                    best = [(d, spid, dpid, sw[si], sw[di])]
+                elif d == best[0][0]:
+                    best.append((d, spid, dpid, sw[si], sw[di]))
+        if not best:
+            raise NoPairAvailable(f"no path from {src} to {dst}")
+        _, spid, dpid, s, target = best[zlib.crc32(salt.encode()) % len(best)]
+        dist = self.dist(target)
+        route, links = [s], []
+        cur = s
+        hop = 0
+        while cur != target:
+            nxt = sorted(v for v in self.graph.neighbors(cur) if dist.get(v) == dist[cur] - 1)
+            v = nxt[zlib.crc32(f"{salt}#{hop}".encode()) % len(nxt)]
+            par = t.links_between(t.switch_index(cur), t.switch_index(v))
+            links.append(par[zlib.crc32(f"{salt}@{hop}".encode()) % len(par)][0])
+            route.append(v)
+            cur = v
+            hop += 1
+        return t.make_path("ecmp", spid, [t.switch_index(x) for x in route], links, dpid)
+
 
 class BaselinePolicy:
     """Common part: engine registry, load reports, ECMP paths, leases (optionally credit-gated)."""
@@ -42,8 +103,11 @@ class BaselinePolicy:
     name = "baseline"
 
     def __init__(self, topology: Any, *, seed: int = 0, credits: bool = False,
-                 credit_config: CreditConfig | None = None) -> None:
+                 credit_config: CreditConfig | None = None, ecmp: str = "listed") -> None:
+        if ecmp not in ECMP_MODES:
+            raise ValueError(f"ecmp must be one of {', '.join(ECMP_MODES)}, got {ecmp!r}")
         self.topology = topology
+        self._per_hop = _PerHopECMP(topology) if ecmp == "per-hop" else None
         self.rng = random.Random(seed)
         self.engines: dict[str, EngineInfo] = {}
         self.loads: dict[str, LoadReport] = {}
@@ -97,6 +161,11 @@ class BaselinePolicy:
 
     # ---- leases --------------------------------------------------------------------------------------------
     def _ecmp(self, src: str, dst: str, salt: str) -> Any:
+        if self._per_hop is not None and self.topology.locality(src, dst).value != "same-node":
+            try:
+                return self._per_hop.route(src, dst, salt)
+            except NoPairAvailable:  # no switch route (e.g. a rail-only cross-rail pair): the listed relays
+                pass
         paths = self.topology.paths(src, dst)
         if not paths:
             raise NoPairAvailable(f"no path from {src} to {dst}")
@@ -252,8 +321,9 @@ def no_credit_config(base: PolicyConfig | None = None) -> PolicyConfig:
 
 
 def make_policy(name: str, topology: Any, *, seed: int = 0, credits: bool | None = None,
-                config: PolicyConfig | None = None) -> Any:
-    """A policy by name. `credits`: None = the policy's default (kvlane on, baselines off)."""
+                config: PolicyConfig | None = None, ecmp: str = "listed") -> Any:
+    """A policy by name. `credits`: None = the policy's default (kvlane on, baselines off). `ecmp`: how a
+    baseline routes (see `ECMP_MODES`); kvlane always chooses among the topology's candidates itself."""
     if name == "kvlane":
         from ..core import Policy
 
@@ -264,4 +334,4 @@ def make_policy(name: str, topology: Any, *, seed: int = 0, credits: bool | None
     if name not in _CLASSES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
     credit_cfg = config.credits if config is not None else None
-    return _CLASSES[name](topology, seed=seed, credits=bool(credits), credit_config=credit_cfg)
+    return _CLASSES[name](topology, seed=seed, credits=bool(credits), credit_config=credit_cfg, ecmp=ecmp)
