@@ -32,7 +32,7 @@ def main() -> int:
                     help="single-engine output to compare with: the P engine called directly (default), "
                          "an extra plain engine, or none")
     ap.add_argument("--plain", action="store_true", help="engines without KVLaneConnector (plumbing check)")
-    ap.add_argument("--transport", help="KVLaneConnector data path (blockwire, tcp, ucx)")
+    ap.add_argument("--transport", help="KVLaneConnector transport backend (auto, tcp, ucx)")
     args = ap.parse_args()
     opts = DemoOptions(log_dir=args.log_dir, max_tokens=args.max_tokens, reference=args.reference,
                        plain=args.plain)

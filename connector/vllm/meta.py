@@ -44,6 +44,8 @@ class KVLaneMetadata(KVConnectorMetadata):
     push: list[PushOrder] = field(default_factory=list)
     #: P: finished requests whose blocks are released without a push (D never asked, no lease, ...)
     drop: list[str] = field(default_factory=list)
+    #: the step schedules no tokens (the engine only steps to poll transfers): workers may wait briefly
+    idle: bool = False
 
 
 @dataclass

@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from kvlane.policy.types import Name
+from kvlane.transport.config import PathConfig
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger("vllm.kvlane.connector")
@@ -95,8 +96,9 @@ class FaultInjection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    #: P side: flip bytes in the copy that goes on the wire (never in P's own cache), so D decodes from
-    #: garbage KV: proves the tests would notice a broken transfer.
+    #: D side: flip every byte (XOR 0x5A) of the blocks a push delivered, after they landed and before the
+    #: request decodes from them: proves the tests would notice a broken transfer (and that D really decodes
+    #: from the pushed KV rather than recomputing it).
     corrupt_kv: bool = False
 
 
@@ -124,20 +126,32 @@ class ConnectorConfig(BaseModel):
     push_timeout_s: Secs = 60.0
     #: Timeout of one call to the policy service.
     rpc_timeout_s: Secs = 10.0
-    #: Data path of the workers: "blockwire" (kvlane's minimal TCP block mover, the default) or
-    #: kvlane.transport's KVTransport with its "tcp" or "ucx" backend.
-    transport: Literal["blockwire", "tcp", "ucx"] = "blockwire"
+    #: Backend of the workers' kvlane.transport data path: "ucx" (ucxx), "tcp", or "auto" = ucx when ucxx
+    #: imports, else tcp. Both ends of a transfer must resolve to the same backend.
+    transport: Literal["auto", "tcp", "ucx"] = "auto"
+    #: The transport's named paths (default: "shm" = UCX_TLS sm,self and "tcp" = tcp,self). Name them as the
+    #: topology names the paths its leases grant (e.g. "rail0", "path1"), each with its UCX devices:
+    #: `{"path1": {"ucx": {"TLS": "rc_verbs,ud_verbs", "NET_DEVICES": "mlx5_0:1"}}}`.
+    paths: dict[Name, PathConfig] | None = None
+    #: On a step with nothing scheduled, a worker sleeps up to this long unless a transfer ends (0 = never):
+    #: keeps vLLM's workers from spinning while the engine only waits for KV (see worker.WorkerSide._idle_wait).
+    idle_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 10.0
     #: Heterogeneous TP: the other side's TP size when it differs from this engine's (P TP=1 -> D TP=2, ...).
     #: Needs a kvlane.transport data path (head slices go rank -> rank by `transport.ranks.head_routes`).
     peer_tp: Annotated[int, Field(ge=1, le=64)] | None = None
     fault_injection: FaultInjection = FaultInjection()
 
+    @field_validator("transport", mode="before")
+    @classmethod
+    def _transport(cls, v: Any) -> Any:
+        if v == "blockwire":
+            raise ValueError("'blockwire' (kvlane's old TCP block mover) was removed; use 'tcp', 'ucx' or 'auto'")
+        return v
+
     @model_validator(mode="after")
-    def _fault_needs_blockwire(self) -> ConnectorConfig:
-        if self.fault_injection.corrupt_kv and self.transport != "blockwire":
-            raise ValueError("fault_injection.corrupt_kv needs transport 'blockwire' (it corrupts the wire copy)")
-        if self.peer_tp is not None and self.transport == "blockwire":
-            raise ValueError("peer_tp (heterogeneous TP) needs transport 'tcp' or 'ucx', not 'blockwire'")
+    def _fault_on_decode(self) -> ConnectorConfig:
+        if self.fault_injection.corrupt_kv and self.role != "decode":
+            raise ValueError("fault_injection.corrupt_kv corrupts received KV: set it on a decode engine")
         return self
 
     @field_validator("policy")

@@ -71,7 +71,7 @@ class SendJob:
 
 
 def block_bytes_per_rank(kv_cache_config: Any) -> int:
-    """Bytes one block occupies on one rank, all layers (what blockwire moves per block per rank)."""
+    """Bytes one block occupies on one rank, all layers (what a push moves per block per rank)."""
     total = 0
     for group in kv_cache_config.kv_cache_groups:
         total += group.kv_cache_spec.page_size_bytes * len(group.layer_names)
@@ -422,9 +422,11 @@ class SchedulerSide:
                 self._closed.wait(0.5 * (attempt + 1))
 
     # ------------------------------------------------------------------------------------ every step
-    def build_connector_meta(self) -> KVLaneMetadata:
+    def build_connector_meta(self, scheduled_tokens: int = 1) -> KVLaneMetadata:
+        """This step's orders to the workers; `scheduled_tokens` = the step's total (0: nothing to run)."""
         with self._lock:
-            meta = KVLaneMetadata(self._to_arm, self._to_cancel, self._to_push, self._to_drop)
+            meta = KVLaneMetadata(self._to_arm, self._to_cancel, self._to_push, self._to_drop,
+                                  idle=scheduled_tokens == 0)
             for a in self._to_arm:
                 job = self._recv.get(a.req_id)
                 if job is not None:

@@ -12,98 +12,31 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import msgpack
 import torch
 from vllm.logger import init_logger
 
-from .blockwire import BlockServer, PagedLayers, PushResult, RecvResult, WireError, push_blocks
+from .layers import KVLayoutError, PagedLayers, PushResult, RecvResult
 from .meta import KVLaneMetadata, KVLaneWorkerMeta, PushOrder, RankReport
 from .params import ConnectorConfig
 
 logger = init_logger("vllm.kvlane.connector")
 
-DESCRIPTOR_VERSION = 1
-
-
-def encode_descriptor(engine_id: str, tp_size: int, d: dict[str, Any]) -> bytes:
-    return msgpack.packb({"v": DESCRIPTOR_VERSION, "engine_id": engine_id, "tp_size": tp_size, **d},
-                         use_bin_type=True)
-
-
-def decode_descriptor(data: bytes, rank: int) -> dict[str, Any]:
-    """A rank descriptor as registered by `WorkerSide`; ValueError naming the problem otherwise."""
-    if not isinstance(data, bytes) or len(data) > 64 * 1024:
-        raise ValueError(f"rank {rank} descriptor must be at most 64 KiB of bytes")
-    try:
-        d = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:
-        raise ValueError(f"rank {rank} descriptor is not msgpack ({exc.__class__.__name__})") from None
-    if not isinstance(d, dict) or d.get("v") != DESCRIPTOR_VERSION:
-        raise ValueError(f"rank {rank} descriptor: not a kvlane v{DESCRIPTOR_VERSION} descriptor")
-    for key, typ in (("host", str), ("port", int), ("rank", int), ("fingerprint", str), ("tp_size", int)):
-        if not isinstance(d.get(key), typ):
-            raise ValueError(f"rank {rank} descriptor: field {key!r} missing or not {typ.__name__}")
-    if d["rank"] != rank:
-        raise ValueError(f"descriptor registered as rank {rank} says rank {d['rank']}")
-    return d
-
-
-class BlockwirePath:
-    """Data path over `blockwire` (kvlane's own TCP block mover): the default, and the only one that
-    supports `fault_injection.corrupt_kv`."""
-
-    def __init__(self, cfg: ConnectorConfig, rank: int, tp_size: int, layers: PagedLayers, receive: bool):
-        self.cfg, self.rank, self.tp_size, self.layers = cfg, rank, tp_size, layers
-        self.server = BlockServer(layers, rank, cfg.kv_host) if receive else None
-
-    def descriptor(self) -> bytes:
-        assert self.server is not None
-        return encode_descriptor(self.cfg.engine_id, self.tp_size, self.server.descriptor())
-
-    def endpoint(self) -> str:
-        return f"{self.server.host}:{self.server.port}" if self.server else "-"
-
-    def arm(self, tid: str, dst: list[int], deadline: float) -> None:
-        assert self.server is not None
-        self.server.arm(tid, dst, deadline)
-
-    def cancel(self, tid: str, reason: str) -> None:
-        if self.server is not None:
-            self.server.cancel(tid, reason)
-
-    def poll(self, now: float) -> list[RecvResult]:
-        return self.server.poll(now) if self.server is not None else []
-
-    def push(self, p: PushOrder, path: str) -> PushResult:
-        try:
-            peer = decode_descriptor(p.peers[self.rank], self.rank)
-        except ValueError as exc:
-            return PushResult(False, 0, 0.0, f"bad descriptor: {exc}")
-        if peer["tp_size"] != self.tp_size:
-            return PushResult(False, 0, 0.0, f"D runs TP={peer['tp_size']}, P runs TP={self.tp_size}")
-        return push_blocks(self.layers, peer, self.rank, p.transfer_id, p.src_blocks, p.dst_blocks, p.deadline,
-                           self.cfg.fault_injection.corrupt_kv)
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 class TransportPath:
-    """Data path over `kvlane.transport.KVTransport` ("tcp" or "ucx" backend). Same TP: whole blocks of every
-    layer region, rank i -> rank i. Heterogeneous TP (`peer_tp`): each (P rank, D rank) route of
+    """This rank's data path: a `kvlane.transport.KVTransport` (backend "ucx", or "tcp" where ucxx is absent)
+    over the registered KV cache, one transport path per name the policy's leases use. Same TP: whole blocks
+    of every layer, rank i -> rank i. Heterogeneous TP (`peer_tp`): each (P rank, D rank) route of
     `transport.ranks.head_routes` moves its head slice of every block under its own transfer id."""
 
     def __init__(self, cfg: ConnectorConfig, rank: int, tp_size: int, layers: PagedLayers,
-                 tensors: list[torch.Tensor]):
+                 wake: threading.Event):
         from kvlane.transport import BlockShape, HeteroTP, KVTransport, TransportConfig, head_routes
 
-        self.rank = rank
-        t0 = tensors[0]
+        self.cfg, self.rank, self.layers, self._wake = cfg, rank, layers, wake
+        t0 = layers.tensors[0]
         self.shape = BlockShape(kv_heads=t0.shape[1], block_size=t0.shape[2], head_size=t0.shape[3] // 2,
                                 itemsize=t0.element_size())
         if self.shape.block_bytes != layers.block_layer_bytes:
-            raise WireError(f"block shape {tuple(t0.shape[1:])} is not [kv_heads, block_size, 2*head_size]")
+            raise KVLayoutError(f"block shape {tuple(t0.shape[1:])} is not [kv_heads, block_size, 2*head_size]")
         hetero = None
         self.routes: list[Any] = []
         self.p_shape = self.d_shape = self.shape
@@ -115,16 +48,21 @@ class TransportPath:
             peer = BlockShape(kv_heads=total // cfg.peer_tp, block_size=self.shape.block_size,
                               head_size=self.shape.head_size, itemsize=self.shape.itemsize)
             self.p_shape, self.d_shape = (self.shape, peer) if cfg.role == "prefill" else (peer, self.shape)
-        self.t = KVTransport(cfg.engine_id, rank, TransportConfig(backend=cfg.transport, host=cfg.kv_host,
-                                                                   tp_size=tp_size, hetero_tp=hetero))
+        tcfg: dict[str, Any] = {"backend": cfg.transport, "host": cfg.kv_host, "tp_size": tp_size,
+                                "hetero_tp": hetero}
+        if cfg.paths is not None:
+            tcfg["paths"] = cfg.paths
+        self.t = KVTransport(cfg.engine_id, rank, TransportConfig(**tcfg))
         tag = layers.fingerprint
         if hetero is not None:  # both sides describe the whole model's heads, not their own share
             tag = tag.replace(f"block_shape={self.shape.kv_heads}x", f"block_shape={hetero.total_kv_heads}heads:", 1)
-        self.t.register_regions(tensors, layout_tag=tag)
-        self.n_regions = len(tensors)
+        self.t.register_regions(layers.tensors, layout_tag=tag)
+        self.n_regions = len(layers.tensors)
         self._lock = threading.Lock()
-        self._expects: dict[str, tuple[list[Future[Any]], str | None]] = {}
+        # transfer id -> (per-route receive futures, destination blocks, cancel reason)
+        self._expects: dict[str, tuple[list[Future[Any]], list[int], str | None]] = {}
         self._peers: dict[bytes, Any] = {}
+        self._warned_paths: set[str] = set()
 
     def descriptor(self) -> bytes:
         return self.t.descriptor()
@@ -143,36 +81,57 @@ class TransportPath:
     def arm(self, tid: str, dst: list[int], deadline: float) -> None:
         from kvlane.transport.ranks import route_transfer_id
 
+        self.layers.check_blocks(dst)
         remaining = max(0.05, deadline - time.monotonic())
         if not self.routes:
             futs = [self.t.expect(tid, self._copies(dst, dst), remaining)]
         else:
             futs = [self.t.expect(route_transfer_id(tid, r), self._copies(dst, dst, r), remaining)
                     for r in self.routes if r.d_rank == self.rank]
+        for f in futs:
+            f.add_done_callback(lambda _f: self._wake.set())
         with self._lock:
-            self._expects[tid] = (futs, None)
+            self._expects[tid] = (futs, list(dst), None)
 
     def cancel(self, tid: str, reason: str) -> None:
-        # KVTransport has no cancel: the receive stays armed (its blocks held) until it lands or expires.
-        with self._lock:
-            if tid in self._expects:
-                self._expects[tid] = (self._expects[tid][0], reason)
+        """Withdraw a receive: the transport keeps bytes still in flight out of the blocks and resolves the
+        receive as failed; it is reported (with `reason`) once every route has resolved."""
+        from kvlane.transport.ranks import route_transfer_id
 
-    def poll(self, now: float) -> list[RecvResult]:
+        with self._lock:
+            if tid not in self._expects:
+                return
+            futs, dst, _ = self._expects[tid]
+            self._expects[tid] = (futs, dst, reason)
+        for r in self.routes or [None]:
+            if r is None or r.d_rank == self.rank:
+                self.t.cancel(tid if r is None else route_transfer_id(tid, r))
+
+    def poll(self) -> list[RecvResult]:
         out = []
         with self._lock:
-            for tid, (futs, cancelled) in list(self._expects.items()):
+            for tid, (futs, dst, cancelled) in list(self._expects.items()):
                 if not all(f.done() for f in futs):
                     continue
                 del self._expects[tid]
                 try:
                     rs = [f.result() for f in futs]
-                    errors = "; ".join(r.error for r in rs if r.error) or cancelled
-                    out.append(RecvResult(tid, all(r.ok for r in rs) and cancelled is None, sum(r.bytes for r in rs),
-                                          max(r.seconds for r in rs), errors))
                 except Exception as exc:
                     out.append(RecvResult(tid, False, error=f"{exc.__class__.__name__}: {exc}"))
+                    continue
+                ok = all(r.ok for r in rs) and cancelled is None
+                if ok and self.cfg.fault_injection.corrupt_kv:
+                    self.layers.corrupt(dst)
+                    logger.warning("kvlane rank %d: fault_injection.corrupt_kv flipped the %d blocks of %s",
+                                   self.rank, len(dst), tid)
+                errors = cancelled or "; ".join(r.error for r in rs if r.error) or None
+                out.append(RecvResult(tid, ok, sum(r.bytes for r in rs), max(r.seconds for r in rs), errors))
         return out
+
+    def ready(self) -> bool:
+        """Whether `poll` has a result to report."""
+        with self._lock:
+            return any(all(f.done() for f in futs) for futs, _, _ in self._expects.values())
 
     def _push_one(self, key: bytes, tid: str, path: str, copies: list[Any], deadline: float) -> PushResult:
         t0 = time.monotonic()
@@ -180,12 +139,19 @@ class TransportPath:
             peer = self._peers.get(key)
             if peer is None:
                 peer = self._peers[key] = self.t.connect(key)
-            use = path if path in peer.links else next(iter(peer.links))
+            use = path
+            if path not in peer.links:
+                use = next(iter(peer.links))
+                if path not in self._warned_paths:
+                    self._warned_paths.add(path)
+                    logger.warning("kvlane rank %d: the lease grants path %r but this transport has paths %s; "
+                                   "using %r (set extra_config.paths to name the topology's paths)",
+                                   self.rank, path, sorted(peer.links), use)
             remaining = max(0.05, deadline - time.monotonic())
             r = self.t.push(peer, tid, use, copies, remaining).result(remaining + 10.0)
             if not r.ok:
                 self._peers.pop(key, None)
-            return PushResult(r.ok, r.bytes, r.seconds, r.error)
+            return PushResult(r.ok, r.bytes, r.seconds, r.error, use)
         except Exception as exc:
             self._peers.pop(key, None)
             return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}")
@@ -203,7 +169,8 @@ class TransportPath:
         ]
         errors = "; ".join(r.error for r in results if r.error) or None
         return PushResult(all(r.ok for r in results), sum(r.bytes for r in results),
-                          max((r.seconds for r in results), default=0.0), errors)
+                          max((r.seconds for r in results), default=0.0), errors,
+                          results[0].path if results else None)
 
     def close(self) -> None:
         self.t.close()
@@ -218,7 +185,7 @@ class WorkerSide:
         self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         self.block_size = vllm_config.cache_config.block_size
         self.layers: PagedLayers | None = None
-        self.path: BlockwirePath | TransportPath | None = None
+        self.path: TransportPath | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"kvlane-push-{self.rank}")
         self._lock = threading.Lock()
         self._pushes: dict[str, tuple[Future[PushResult], str]] = {}
@@ -230,20 +197,18 @@ class WorkerSide:
         self._registrar: threading.Thread | None = None
         self._closed = threading.Event()
         self._policy_client: Any = None  # SyncPolicyClient kept open: it re-registers after a service restart
+        # Set by every transfer completion; an idle step (nothing scheduled, see `transfer_results`) waits on it.
+        self._wake = threading.Event()
+        self._idle_step = False
 
     # -- setup ------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layers = PagedLayers(kv_caches, self.block_size)
         logger.info("kvlane rank %d: %d layers, %d blocks, %d bytes/block/rank, layout %s",
-                    self.rank, len(self.layers.flat), self.layers.num_blocks, self.layers.block_bytes,
+                    self.rank, len(self.layers.tensors), self.layers.num_blocks, self.layers.block_bytes,
                     self.layers.fingerprint)
-        receive = self.cfg.role == "decode"
-        if self.cfg.transport == "blockwire":
-            self.path = BlockwirePath(self.cfg, self.rank, self.tp_size, self.layers, receive)
-        else:
-            self.path = TransportPath(self.cfg, self.rank, self.tp_size, self.layers,
-                                      [kv_caches[n] for n in self.layers.names])
-        if receive:
+        self.path = TransportPath(self.cfg, self.rank, self.tp_size, self.layers, self._wake)
+        if self.cfg.role == "decode":
             desc = self.path.descriptor()
             self._registrar = threading.Thread(target=self._register, args=(desc,), daemon=True,
                                                name=f"kvlane-register-rank-{self.rank}")
@@ -275,6 +240,7 @@ class WorkerSide:
     # -- per step ---------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVLaneMetadata) -> None:
         now = time.monotonic()
+        self._idle_step = meta.idle
         for a in meta.arm:
             if self.path is None or self.cfg.role != "decode":
                 logger.error("kvlane rank %d: asked to receive %s but this engine is not a decode engine",
@@ -311,12 +277,28 @@ class WorkerSide:
             fut.set_result(PushResult(False, 0, 0.0, f"no peer descriptor for rank {self.rank}"))
         else:
             fut = self._pool.submit(self.path.push, p, path)
+            fut.add_done_callback(lambda _f: self._wake.set())
         self._pushes[p.req_id] = (fut, path)
+
+    def _idle_wait(self) -> None:
+        """On a step with nothing scheduled (the engine only steps then because it waits for KV or holds
+        blocks for a push), sleep up to `idle_wait_ms` unless a transfer ends first. vLLM's workers otherwise
+        spin on its shared-memory queue between such steps, hundreds of times a second; on a CPU host that
+        spinning starved the other engine's TP workers pinned to the same cores for minutes (TP=2 P and D
+        on 2 cores). A completion wakes the wait at once, so arrivals are not delayed; a new order from the
+        scheduler may be (by at most `idle_wait_ms`)."""
+        if not self._idle_step or self.cfg.idle_wait_ms <= 0:
+            return
+        self._wake.clear()
+        if any(f.done() for f, _ in self._pushes.values()) or (self.path is not None and self.path.ready()):
+            return
+        self._wake.wait(self.cfg.idle_wait_ms / 1000.0)
 
     def transfer_results(self) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) since the last call; each request reported once."""
+        self._idle_wait()
         if self.path is not None:
-            for r in self.path.poll(time.monotonic()):
+            for r in self.path.poll():
                 req_id, blocks = self._recv_req.pop(r.transfer_id, (None, []))
                 if req_id is None:
                     continue
@@ -334,7 +316,7 @@ class WorkerSide:
                 res = fut.result()
                 self._finished_send.add(req_id)
                 self._report.pushed.setdefault(req_id, []).append(
-                    RankReport(self.rank, res.ok, res.bytes, res.seconds, path, res.error))
+                    RankReport(self.rank, res.ok, res.bytes, res.seconds, res.path or path, res.error))
         sending, self._finished_send = self._finished_send, set()
         recving, self._finished_recv = self._finished_recv, set()
         return sending, recving

@@ -23,7 +23,7 @@ def pd(
              "'separate' (an extra plain engine started first) or 'none'."),
     plain: bool = typer.Option(False, "--plain", help="Engines without KVLaneConnector (plumbing check only)."),
     transport: str | None = typer.Option(None, "--transport",
-                                         help="KVLaneConnector data path (its `transport` key, e.g. blockwire, tcp, ucx)."),
+                                         help="KVLaneConnector transport backend (its `transport` key: auto, tcp, ucx)."),
     startup_timeout: float = typer.Option(600.0, "--startup-timeout", min=10.0, help="Seconds an engine may take to start."),
 ) -> None:
     """1 prefill + 1 decode vLLM engine (CPU, tiny offline Llama) with KVLaneConnector, the policy service

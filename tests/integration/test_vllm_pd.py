@@ -3,7 +3,7 @@ a negative control (corrupted KV changes the output), sticky-session deltas (onl
 pushed, byte-exact), the router in front, a decode whose prefill never comes (error at the deadline, no
 hang) and a decode engine killed mid-request (clear error, no lease left behind).
 
-Engines start once for the module: P (core 0), a second P with `fault_injection.corrupt_kv` (core 0), and D
+Engines start once for the module: P (core 0), D (core 1) and a second D with `fault_injection.corrupt_kv`
 (core 1), all against one `kvlane policy serve --topology loopback:gpus=3`. The single-engine reference is
 P itself called without kv_transfer_params.
 """
@@ -111,7 +111,7 @@ def deployment():
         for name, role, core, gpu, extra in (
             ("p0", "prefill", 0, "n0.g0", {}),
             ("d0", "decode", 1, "n0.g1", {}),
-            ("pbad", "prefill", 0, "n0.g2", {"fault_injection": {"corrupt_kv": True}}),
+            ("dbad", "decode", 1, "n0.g2", {"fault_injection": {"corrupt_kv": True}}),
         ):
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores=[core],
@@ -173,23 +173,23 @@ def test_negative_control_corrupted_kv_changes_output(deployment):
     ref = deployment.reference(prompt, 24)["choices"][0]["text"]
     _, good = deployment.pd(prompt, 24)
     assert good["choices"][0]["text"] == ref
-    other = _prompt(120, seed=100)  # a prompt D holds nothing of: every block comes from the corrupting P
-    _, bad = deployment.pd(other, 24, prefill="pbad")
+    other = _prompt(120, seed=100)  # a prompt the corrupting D holds nothing of: every block is pushed
+    _, bad = deployment.pd(other, 24, decode="dbad")
     ref_bad = deployment.reference(other, 24)["choices"][0]["text"]
     assert bad["kv_transfer_params"]["status"] == "done"  # the transfer itself "worked"...
     assert bad["kv_transfer_params"]["first_block"] == 0
-    assert bad["choices"][0]["text"] != ref_bad  # ...but D decoded from flipped bytes
+    assert bad["choices"][0]["text"] != ref_bad  # ...but D decoded from the flipped bytes, not a recompute
 
 
 def test_through_the_router(deployment):
-    """The router picks the pair (the policy knows p0 and d0 once the corrupting P is gone) and sends both
+    """The router picks the pair (the policy knows p0 and d0 once the corrupting D is gone) and sends both
     halves; the client gets D's answer, token-exact, with the transfer's receipt."""
     client = SyncPolicyClient(deployment.policy, timeout=10.0)
     try:
-        assert client.remove_engine("pbad")
+        assert client.remove_engine("dbad")
     finally:
         client.close()
-    deployment.engines["pbad"].stop()
+    deployment.engines["dbad"].stop()
     router = start_router(deployment.policy, free_port(), log_file=deployment.logs / "router.log")
     try:
         prompt = _prompt(70, seed=31)

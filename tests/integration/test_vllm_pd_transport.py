@@ -1,5 +1,5 @@
-"""Real vLLM (CPU) P/D through KVLaneConnector with `kvlane.transport.KVTransport` as the workers' data path
-(`"transport": "tcp"`, or `$KVLANE_TEST_TRANSPORT=ucx`) instead of the default blockwire: token-exact
+"""Real vLLM (CPU) P/D through KVLaneConnector with the TCP backend of `kvlane.transport` (`"transport": "tcp"`,
+or `$KVLANE_TEST_TRANSPORT=ucx`; test_vllm_pd.py runs the default, "auto" = ucx when ucxx imports): token-exact
 against P itself, a sticky second turn that moves only the blocks D lacks, and (D runs vLLM's
 `kv_load_failure_policy: recompute`) a push that never comes turning into a local prefill.
 """

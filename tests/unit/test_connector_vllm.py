@@ -1,6 +1,6 @@
 """Unit tests of the kvlane vLLM connector's parts that run without an engine: request/config validation,
-the ordered transfer state, worker->scheduler report aggregation, stats, and the block mover (two
-in-process "ranks" over loopback TCP)."""
+the ordered transfer state, worker->scheduler report aggregation, stats, and the workers' data path over
+kvlane.transport (two in-process "ranks" over loopback TCP)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytest.importorskip("vllm")
 # Importing vLLM alone costs ~10 s of CPU; the tests themselves take a few seconds.
 pytestmark = pytest.mark.slow
 
-from kvlane.connector.vllm.blockwire import BlockServer, PagedLayers, push_blocks  # noqa: E402
+from kvlane.connector.vllm.layers import PagedLayers  # noqa: E402
 from kvlane.connector.vllm.meta import KVLaneStats, KVLaneWorkerMeta, RankReport  # noqa: E402
 from kvlane.connector.vllm.params import (  # noqa: E402
     ParamsError,
@@ -22,7 +22,6 @@ from kvlane.connector.vllm.params import (  # noqa: E402
     parse_config,
     parse_params,
 )
-from kvlane.connector.vllm.worker import decode_descriptor, encode_descriptor  # noqa: E402
 
 GOOD = {"kvlane": 1, "transfer_id": "t-1", "session_id": "s1", "prefill": "p0", "decode": "d0",
         "policy": "tcp://127.0.0.1:7000", "role": "decode"}
@@ -94,45 +93,62 @@ def test_stats_aggregate_and_reduce():
     assert r["kvlane_path[local]"] == 3 and r["kvlane_failures"] == 1
 
 
-# ------------------------------------------------------------------------------------------ blockwire
+# ------------------------------------------------------------------------- data path (kvlane.transport)
 
 NUM_BLOCKS, HEADS, BS, HD2 = 16, 2, 32, 64
+BLOCK_LAYER_BYTES = HEADS * BS * HD2 * 4
 
 
-def _cache(seed: int, layers: int = 2) -> dict[str, torch.Tensor]:
+def _cache(seed: int, layers: int = 2, hd2: int = HD2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    buf = torch.randn((layers, NUM_BLOCKS, HEADS, BS, HD2), generator=g)
+    buf = torch.randn((layers, NUM_BLOCKS, HEADS, BS, hd2), generator=g)
     return {f"model.layers.{i}.self_attn": buf[i] for i in range(layers)}
 
 
+def _path(role: str, cache: dict[str, torch.Tensor], rank: int = 0, tp: int = 1, **knobs):
+    import threading
+
+    from kvlane.connector.vllm.worker import TransportPath
+
+    cfg = parse_config({"policy": POLICY, "role": role, "engine_id": "p0" if role == "prefill" else "d0",
+                        "transport": "tcp", **knobs})
+    wake = threading.Event()
+    return TransportPath(cfg, rank, tp, PagedLayers(cache, BS), wake), wake
+
+
+def _order(tid: str, src: list[int], dst: list[int], peers: list[bytes], deadline_s: float = 20.0):
+    from kvlane.connector.vllm.meta import PushOrder
+
+    return PushOrder("r-" + tid, tid, src, dst, time.monotonic() + deadline_s, ["tcp"], peers)
+
+
 @pytest.fixture
-def pair():
+def pd_paths():
     src, dst = _cache(1), _cache(2)
-    ps, pd = PagedLayers(src, BS), PagedLayers(dst, BS)
-    server = BlockServer(pd, rank=0)
-    yield src, dst, ps, server
-    server.close()
+    made = []
+
+    def make(**d_knobs):
+        p, _ = _path("prefill", src)
+        d, wake = _path("decode", dst, **d_knobs)
+        made.extend([p, d])
+        return p, d, wake
+
+    yield src, dst, make
+    for x in made:
+        x.close()
 
 
-def _wait_result(server: BlockServer, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = server.poll(time.monotonic())
-        if out:
-            return out
-        time.sleep(0.01)
-    raise AssertionError("no receive result")
-
-
-def test_push_copies_exactly_the_named_blocks(pair):
-    src, dst, ps, server = pair
+def test_push_copies_exactly_the_named_blocks_and_wakes_the_worker(pd_paths):
+    src, dst, make = pd_paths
+    p, d, wake = make()
     before = {k: v.clone() for k, v in dst.items()}
-    server.arm("t1", [7, 3, 9], time.monotonic() + 10)
-    res = push_blocks(ps, server.descriptor(), 0, "t1", [0, 1, 2], [7, 3, 9], time.monotonic() + 10)
+    d.arm("t1", [7, 3, 9], time.monotonic() + 20)
+    assert not d.ready() and not wake.is_set()
+    res = p.push(_order("t1", [0, 1, 2], [7, 3, 9], [d.descriptor()]), "tcp")
     assert res.ok, res.error
-    block_bytes = HEADS * BS * HD2 * 4
-    assert res.bytes == 3 * 2 * block_bytes  # 3 blocks x 2 layers
-    (r,) = _wait_result(server)
+    assert res.bytes == 3 * 2 * BLOCK_LAYER_BYTES and res.path == "tcp"  # 3 blocks x 2 layers
+    _until(wake.is_set)  # the worker's idle wait ends when the receive lands
+    (r,) = _until(d.poll)
     assert r.ok and r.bytes == res.bytes
     for name in src:
         for s_b, d_b in ((0, 7), (1, 3), (2, 9)):
@@ -141,73 +157,76 @@ def test_push_copies_exactly_the_named_blocks(pair):
         assert torch.equal(dst[name][untouched], before[name][untouched])
 
 
-def test_corrupt_flips_the_wire_copy_only(pair):
-    src, dst, ps, server = pair
-    keep = {k: v.clone() for k, v in src.items()}
-    server.arm("t2", [4], time.monotonic() + 10)
-    res = push_blocks(ps, server.descriptor(), 0, "t2", [5], [4], time.monotonic() + 10, corrupt=True)
-    assert res.ok
-    _wait_result(server)
+def test_corrupt_kv_flips_the_received_blocks_only(pd_paths):
+    src, dst, make = pd_paths
+    p, d, _ = make(fault_injection={"corrupt_kv": True})
+    keep_src = {k: v.clone() for k, v in src.items()}
+    keep_dst = {k: v.clone() for k, v in dst.items()}
+    d.arm("t2", [4], time.monotonic() + 20)
+    assert p.push(_order("t2", [5], [4], [d.descriptor()]), "tcp").ok
+    (r,) = _until(d.poll)
+    assert r.ok
     for name in src:
-        assert torch.equal(src[name], keep[name])  # P's own cache intact
-        assert not torch.equal(dst[name][4], src[name][5])
+        assert torch.equal(src[name], keep_src[name])  # P's own cache intact
+        got = dst[name][4].view(torch.uint8)
+        assert torch.equal(got ^ 0x5A, src[name][5].view(torch.uint8))  # exactly the pushed bytes, flipped
+        others = [b for b in range(NUM_BLOCKS) if b != 4]
+        assert torch.equal(dst[name][others], keep_dst[name][others])
 
 
-def test_unarmed_push_is_refused_and_writes_nothing(pair):
-    src, dst, ps, server = pair
+def test_corrupt_kv_is_a_decode_setting():
+    with pytest.raises(ValueError, match="decode engine"):
+        parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "fault_injection": {"corrupt_kv": True}})
+
+
+def test_unarmed_push_fails_at_its_deadline_and_writes_nothing(pd_paths):
+    src, dst, make = pd_paths
+    p, d, _ = make()
     before = {k: v.clone() for k, v in dst.items()}
-    res = push_blocks(ps, server.descriptor(), 0, "never-armed", [0], [1], time.monotonic() + 5)
-    assert not res.ok and "not armed" in res.error
+    res = p.push(_order("never-armed", [0], [1], [d.descriptor()], deadline_s=1.0), "tcp")
+    assert not res.ok and "deadline" in res.error
     for name in dst:
         assert torch.equal(dst[name], before[name])
 
 
-def test_layout_and_rank_mismatch_are_refused_loudly(pair):
-    _, _, _, server = pair
-    other = PagedLayers({"l0": torch.zeros((NUM_BLOCKS, HEADS, BS, 32))}, BS)  # other head size, 1 layer
-    server.arm("t3", [1], time.monotonic() + 5)
-    res = push_blocks(other, server.descriptor(), 0, "t3", [0], [1], time.monotonic() + 5)
-    assert not res.ok and "layout mismatch" in res.error and "block_shape=2x32x32" in res.error
-    res = push_blocks(PagedLayers(_cache(3), BS), server.descriptor(), 1, "t3", [0], [1], time.monotonic() + 5)
-    assert not res.ok and "cross-rank" in res.error
+def test_layout_mismatch_is_refused_loudly():
+    p, _ = _path("prefill", _cache(1, hd2=32))  # other head size
+    d, _ = _path("decode", _cache(2))
+    try:
+        d.arm("t3", [1], time.monotonic() + 20)
+        res = p.push(_order("t3", [0], [1], [d.descriptor()], deadline_s=5.0), "tcp")
+        assert not res.ok and "layout" in res.error and "block_shape=2x32x32" in res.error, res.error
+    finally:
+        p.close()
+        d.close()
 
 
-def test_expired_expectation_fails_and_late_push_is_refused(pair):
-    src, dst, ps, server = pair
-    server.arm("t4", [2], time.monotonic() + 0.05)
-    time.sleep(0.1)
-    (r,) = server.poll(time.monotonic())
+def test_expired_receive_fails_and_cancel_reports_once(pd_paths):
+    _, _, make = pd_paths
+    _, d, _ = make()
+    d.arm("t4", [2], time.monotonic() + 0.1)
+    (r,) = _until(d.poll)
     assert not r.ok and "deadline" in r.error
-    before = dst[next(iter(dst))].clone()
-    res = push_blocks(ps, server.descriptor(), 0, "t4", [0], [2], time.monotonic() + 5)
-    assert not res.ok
-    assert torch.equal(dst[next(iter(dst))], before)
-
-
-def test_cancel_reports_once(pair):
-    _, _, _, server = pair
-    server.arm("t5", [2], time.monotonic() + 60)
-    server.cancel("t5", "request aborted")
-    (r,) = server.poll(time.monotonic())
+    d.arm("t5", [3], time.monotonic() + 60)
+    d.cancel("t5", "request aborted")
+    (r,) = _until(d.poll)
     assert not r.ok and r.error == "request aborted"
-    assert server.poll(time.monotonic()) == []
+    assert d.poll() == []
 
 
-def test_push_to_dead_peer_fails_within_deadline():
-    ps = PagedLayers(_cache(1), BS)
+def test_push_to_a_closed_peer_fails_within_its_deadline(pd_paths):
+    _, _, make = pd_paths
+    p, d, _ = make()
+    desc = d.descriptor()
+    d.close()
     t0 = time.monotonic()
-    res = push_blocks(ps, {"host": "127.0.0.1", "port": 9, "rank": 0, "fingerprint": ps.fingerprint},
-                      0, "t6", [0], [0], time.monotonic() + 3)
-    assert not res.ok and time.monotonic() - t0 < 5
+    res = p.push(_order("t6", [0], [0], [desc], deadline_s=3.0), "tcp")
+    assert not res.ok and time.monotonic() - t0 < 3.0 + 10.0
 
 
-def test_descriptor_round_trip_and_refusals():
-    d = encode_descriptor("d0", 2, {"host": "127.0.0.1", "port": 5, "rank": 1, "fingerprint": "f"})
-    assert decode_descriptor(d, 1)["port"] == 5
-    with pytest.raises(ValueError, match="says rank 1"):
-        decode_descriptor(d, 0)
-    with pytest.raises(ValueError, match="not msgpack"):
-        decode_descriptor(b"\xc1", 0)
+def test_blockwire_is_gone_with_a_clear_error():
+    with pytest.raises(ValueError, match="blockwire.*removed"):
+        parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": "blockwire"})
 
 
 # ------------------------------------------------------------------------------------ scheduler side
@@ -272,7 +291,8 @@ def test_decode_claims_the_delta_arms_then_announces(policy_client):
     blocks = SimpleNamespace(get_block_ids=lambda: ([40, 41, 42, 43],))
     d.update_state_after_alloc(req, blocks, 68)
     assert d.get_num_new_matched_tokens(req, 32) == (0, False)  # consumed: a preemption does not reload
-    meta = d.build_connector_meta()
+    meta = d.build_connector_meta(scheduled_tokens=0)
+    assert meta.idle  # nothing scheduled: the workers may wait for a completion (worker.WorkerSide._idle_wait)
     (arm,) = meta.arm
     assert arm.dst_blocks == [41, 42, 43] and arm.transfer_id == "t-1"
     # Nothing is announced before the workers confirm the blocks are armed.
@@ -294,7 +314,7 @@ def test_malformed_params_are_ignored_not_fatal(policy_client):
     req = _request("decode", 100, transfer_id="bad id with spaces")
     assert d.get_num_new_matched_tokens(req, 0) == (0, False)
     d.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([1, 2, 3, 4],)), 0)
-    assert d.build_connector_meta().arm == []
+    assert d.build_connector_meta().arm == [] and not d.build_connector_meta(scheduled_tokens=5).idle
     other = _request("decode", 100, tid="t-9", decode="d7")  # addressed to another engine
     assert d.get_num_new_matched_tokens(other, 0) == (0, False)
     d.shutdown()
@@ -306,19 +326,17 @@ def test_prefill_pushes_only_announced_blocks_under_a_lease(policy_client):
     delay, params = p.request_finished(req, [5, 6, 7, 8])
     assert delay is True and params["status"] == "pushing"
     assert p.has_pending_push_work()
-    from kvlane.connector.vllm.worker import encode_descriptor
     from kvlane.policy.types import EngineInfo, Role
 
     policy_client.register_engine(EngineInfo(engine_id="d0", role=Role.DECODE, gpus=["n0.g1"]))
-    policy_client.register_rank("d0", 0, encode_descriptor("d0", 1, {"host": "127.0.0.1", "port": 5, "rank": 0,
-                                                                     "fingerprint": "f"}))
+    policy_client.register_rank("d0", 0, b"rank-0 descriptor")  # opaque to the scheduler side
     policy_client.announce("t-2", {"decode": "d0", "first_block": 2, "block_ids": [70, 71], "num_tokens": 100,
                                    "block_size": 32, "tp_size": 1})
     metas: list[KVLaneMetadata] = []
     _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
     (order,) = metas[-1].push
     assert p._send[req.request_id].state == TransferState.TRANSFERRING
-    assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and decode_descriptor(order.peers[0], 0)["port"] == 5
+    assert order.src_blocks == [7, 8] and order.dst_blocks == [70, 71] and order.peers == [b"rank-0 descriptor"]
     (lease,) = policy_client.snapshot()["leases"]
     assert lease["bytes"] == 2 * 2 * PAGE and lease["transfer_id"] == "t-2"
     report = RankReport(0, True, 2 * 2 * PAGE, 0.02, order.paths[0])
@@ -356,43 +374,6 @@ def test_prefill_refuses_an_announce_for_other_tokens(policy_client):
     p.shutdown()
 
 
-# ------------------------------------------------------------------------------- kvlane.transport path
-
-@pytest.mark.parametrize("backend", ["tcp"])
-def test_transport_path_moves_the_same_bytes_as_blockwire(backend):
-    from kvlane.connector.vllm.meta import PushOrder
-    from kvlane.connector.vllm.worker import TransportPath
-
-    src, dst = _cache(1), _cache(2)
-    before = {k: v.clone() for k, v in dst.items()}
-    cfg_p = parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": backend})
-    cfg_d = parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": backend})
-    lp, ld = PagedLayers(src, BS), PagedLayers(dst, BS)
-    p = TransportPath(cfg_p, 0, 1, lp, [src[n] for n in lp.names])
-    d = TransportPath(cfg_d, 0, 1, ld, [dst[n] for n in ld.names])
-    try:
-        d.arm("tx1", [7, 3], time.monotonic() + 20)
-        order = PushOrder("r1", "tx1", [0, 1], [7, 3], time.monotonic() + 20, ["shm"], [d.descriptor()])
-        res = p.push(order, "shm")
-        assert res.ok, res.error
-        assert res.bytes == 2 * 2 * HEADS * BS * HD2 * 4
-        (r,) = _until(lambda: d.poll(time.monotonic()))
-        assert r.ok and r.bytes == res.bytes
-        for name in src:
-            assert torch.equal(dst[name][7], src[name][0]) and torch.equal(dst[name][3], src[name][1])
-            others = [b for b in range(NUM_BLOCKS) if b not in (7, 3)]
-            assert torch.equal(dst[name][others], before[name][others])
-    finally:
-        p.close()
-        d.close()
-
-
-def test_corrupt_kv_requires_blockwire():
-    with pytest.raises(ValueError, match="corrupt_kv needs transport 'blockwire'"):
-        parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": "tcp",
-                      "fault_injection": {"corrupt_kv": True}})
-
-
 def test_prometheus_series_from_stats():
     from kvlane.connector.vllm import KVLaneConnector
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -422,30 +403,22 @@ def test_prometheus_series_from_stats():
 
 def test_transport_path_heterogeneous_tp_moves_head_slices():
     """P at TP=1 (2 KV heads) -> D at TP=2 (1 head per rank): D rank r gets head r of every pushed block."""
-    from kvlane.connector.vllm.meta import PushOrder
-    from kvlane.connector.vllm.worker import TransportPath
-
     src = _cache(1)  # [blocks, 2 heads, BS, HD2]
     g = torch.Generator().manual_seed(5)
     d_bufs = [torch.randn((2, NUM_BLOCKS, 1, BS, HD2), generator=g) for _ in range(2)]
     dst = [{f"model.layers.{i}.self_attn": b[i] for i in range(2)} for b in d_bufs]
-    cfg_p = parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "transport": "tcp", "peer_tp": 2})
-    cfg_d = parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": "tcp", "peer_tp": 1})
-    lp = PagedLayers(src, BS)
-    p = TransportPath(cfg_p, 0, 1, lp, [src[n] for n in lp.names])
+    p, _ = _path("prefill", src, peer_tp=2)
     ds = []
     try:
         for r in range(2):
-            ld = PagedLayers(dst[r], BS)
-            ds.append(TransportPath(cfg_d, r, 2, ld, [dst[r][n] for n in ld.names]))
+            ds.append(_path("decode", dst[r], rank=r, tp=2, peer_tp=1)[0])
         for d in ds:
             d.arm("hx", [9, 4], time.monotonic() + 20)
-        order = PushOrder("r1", "hx", [2, 3], [9, 4], time.monotonic() + 20, ["shm"], [d.descriptor() for d in ds])
-        res = p.push(order, "shm")
+        res = p.push(_order("hx", [2, 3], [9, 4], [d.descriptor() for d in ds]), "tcp")
         assert res.ok, res.error
         assert res.bytes == 2 * 2 * 2 * BS * HD2 * 4  # 2 blocks x 2 layers x 2 heads, over both routes
         for r, d in enumerate(ds):
-            (got,) = _until(lambda d=d: d.poll(time.monotonic()))
+            (got,) = _until(d.poll)
             assert got.ok and got.bytes == res.bytes // 2
             for name in src:
                 assert torch.equal(dst[r][name][9][0], src[name][2][r])
@@ -454,8 +427,3 @@ def test_transport_path_heterogeneous_tp_moves_head_slices():
         p.close()
         for d in ds:
             d.close()
-
-
-def test_peer_tp_requires_kvlane_transport():
-    with pytest.raises(ValueError, match="peer_tp"):
-        parse_config({"policy": POLICY, "role": "prefill", "engine_id": "p0", "peer_tp": 2})
