@@ -18,6 +18,7 @@ Workloads (same arrivals for healthy and failed runs):
     python benchmarks/sim_failure.py                 # 4,096-GPU ZCube(64,2) vs ROFT (512 x 8 GPUs)
     python benchmarks/sim_failure.py --size small    # 256 GPUs, seconds
     python benchmarks/sim_failure.py --markdown      # also print markdown tables (docs/simulator.md)
+    python benchmarks/sim_failure.py --policies least-loaded --ecmp per-hop   # baselines hash per hop
 
 Pure simulation; see docs/simulator.md ("Single switch failure") for the model and the measured tables.
 """
@@ -85,9 +86,9 @@ def scenarios(topo: Topology, tor: str, spine: str | None) -> list[tuple[str, To
 
 
 def run_one(fabric: str, wl_name: str, policy: str, scenario: str, topo: Topology, workload, cfg: SimConfig,
-            seed: int) -> Run:
+            seed: int, ecmp: str = "listed") -> Run:
     t0 = time.process_time()
-    sim = Simulator(topo, make_policy(policy, topo, seed=seed), cfg, policy_name=policy)
+    sim = Simulator(topo, make_policy(policy, topo, seed=seed, ecmp=ecmp), cfg, policy_name=policy)
     res = sim.run(workload)
     moved = [r for r in sim.requests if not math.isnan(r.transfer_end)]
     burst = sim.network.busy_time  # seconds during which at least one KV flow was on the wire
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=float, default=0.7)
     ap.add_argument("--requests", type=int, default=0, help="serving requests (default: 2 per prefill engine)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="listed",
+                    help="baselines' routing (see kvlane.policy.sim.baselines.ECMP_MODES)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
     console = Console(width=220)
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown workload {wl_name!r} (serving, burst)")
             for policy in args.policies.split(","):
                 for name, t in scen:
-                    r = run_one(label, wl_name, policy, name, t, wl, cfg, args.seed)
+                    r = run_one(label, wl_name, policy, name, t, wl, cfg, args.seed, args.ecmp)
                     runs.append(r)
                     console.print(f"[dim]{label} {wl_name} {policy} {name}: {r.cpu_s:.1f} s CPU[/dim]")
 
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r.burst_gbps:.0f}" if r.workload == "burst" else "-",
                      pct(s["ttft_p99_s"], bs["ttft_p99_s"]), pct(s["kv_transfer_p99_s"], bs["kv_transfer_p99_s"]),
                      pct(r.burst_gbps, b.burst_gbps) if r.workload == "burst" else "-"])
-    table = Table(title=f"single switch failure, {args.size} fabrics, seed {args.seed}, serving load {args.load:.0%}")
+    table = Table(title=f"single switch failure, {args.size} fabrics, seed {args.seed}, serving load {args.load:.0%}, "
+                        f"baselines' ECMP {args.ecmp}")
     for h in headers:
         table.add_column(h, justify="left" if h in ("fabric", "workload", "policy", "scenario") else "right")
     for row in rows:
