@@ -200,6 +200,13 @@ class WorkerSide:
         # Set by every transfer completion; an idle step (nothing scheduled, see `transfer_results`) waits on it.
         self._wake = threading.Event()
         self._idle_step = False
+        # Chaos testing: $KVLANE_FAULTS (the policy service's fault plan format); P consults `fail_transfer`.
+        from kvlane.integration.policy_service.app import load_fault_plan
+
+        self._faults = load_fault_plan()
+        if self._faults is not None:
+            logger.warning("kvlane rank %d: FAULT INJECTION ON (chaos testing only): %s", self.rank,
+                           self._faults.model_dump_json(exclude_defaults=True))
 
     # -- setup ------------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -272,9 +279,14 @@ class WorkerSide:
 
     def _start_push(self, p: PushOrder, now: float) -> None:
         path = p.paths[self.rank] if self.rank < len(p.paths) else "default"
+        failed = None
         if self.path is None or self.rank >= len(p.peers):
+            failed = f"no peer descriptor for rank {self.rank}"
+        elif self._faults is not None and self._faults.should("fail_transfer", p.transfer_id):
+            failed = "fault injection: fail_transfer (nothing pushed)"
+        if failed is not None:
             fut: Future[PushResult] = Future()
-            fut.set_result(PushResult(False, 0, 0.0, f"no peer descriptor for rank {self.rank}"))
+            fut.set_result(PushResult(False, 0, 0.0, failed))
         else:
             fut = self._pool.submit(self.path.push, p, path)
             fut.add_done_callback(lambda _f: self._wake.set())
