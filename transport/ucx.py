@@ -81,8 +81,14 @@ class UcxLink:
         if self.dead.done():
             raise ConnectionError(f"link to {self.peer_key} is down: {self.dead.result()}")
         self.backend.top_up()
+        # UCX reads `view` until the request completes, which can be long after our caller stopped waiting
+        # (a reply's 5 s wait_for, a push deadline): a send on an endpoint still wiring up (UCX tcp) waits in
+        # UCX's pending queue and copies the bytes only then. The send therefore runs in a task the backend
+        # keeps (its frame holds `view`) and we only stop *waiting* for it; cancelling the send itself
+        # freed the buffer and the peer later got whatever reused that memory (docs/transport.md).
+        send = self.backend.keep(self.ep.send(view, tag=Tag(tag), force_tag=True))
         try:
-            await self.ep.send(view, tag=Tag(tag), force_tag=True)
+            await asyncio.shield(send)
         except ucx_api.UCXError as exc:
             self._kill(f"{type(exc).__name__}: {exc}")
             raise ConnectionError(f"send to {self.peer_key} failed: {exc}") from None
@@ -181,6 +187,8 @@ class UcxBackend:
         self._reverse: dict[str, UcxLink] = {}  # sender key → link we reply on
         self._senders: dict[str, bytes] = {}  # sender key → its worker address (to reopen)
         self._links: set[UcxLink] = set()
+        self._sends: set[asyncio.Future[Any]] = set()  # sends UCX may still read from (see UcxLink._send)
+        self._ctrl_buf = np.zeros(_LEN.size + MAX_CONTROL_BYTES, dtype=np.uint8)
 
     async def start(self) -> PathAddress:
         loop = asyncio.get_running_loop()
@@ -214,7 +222,7 @@ class UcxBackend:
         return link
 
     async def _ctrl_loop(self) -> None:
-        buf = np.zeros(_LEN.size + MAX_CONTROL_BYTES, dtype=np.uint8)
+        buf = self._ctrl_buf  # lives as long as the backend: a receive posted at stop() may still be filled
         while True:
             try:
                 self.top_up()
@@ -272,6 +280,18 @@ class UcxBackend:
         if self.ctx is not None and self.core.config.ucx_progress_mode == "thread":
             self.ctx.worker.populate_python_futures_pool()
 
+    def keep(self, send: Any) -> asyncio.Future[Any]:
+        """Run the send coroutine ``send`` to completion even if whoever awaits it gives up; returns its task."""
+        task = asyncio.ensure_future(send)
+        self._sends.add(task)
+        task.add_done_callback(self._sent)
+        return task
+
+    def _sent(self, task: asyncio.Future[Any]) -> None:
+        self._sends.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: the waiter may have gone
+            log.debug("ucx path %s: send finished with %s", self.path, task.exception())
+
     def forget(self, link: UcxLink) -> None:
         self._links.discard(link)
         if self._reverse.get(link.peer_key) is link:
@@ -286,6 +306,8 @@ class UcxBackend:
                 pass
         for link in list(self._links):
             link.close()
+        if self._sends:  # aborted endpoints cancel their sends; let those finish before the worker goes
+            await asyncio.wait(list(self._sends), timeout=1.0)
         self._reverse.clear()
         self._senders.clear()
         if self.ctx is not None:

@@ -1,0 +1,127 @@
+"""ucx backend: a control message whose sender stopped waiting for it (a reply's 5 s wait, a push deadline)
+must still reach the peer intact. UCX keeps reading the send buffer until the request completes — on a
+UCX tcp endpoint that is still wiring up, that is when the peer gets scheduled again — so kvlane must not
+free it early. Regression for the TP=2 vLLM run whose tcp-path handshake timed out after P logged
+``dropped a control message: control message claims 2129019364 bytes`` (docs/transport.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kvlane.transport import KVTransport, TransportConfig
+from kvlane.transport.wire import Descriptor, Done, Hello
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
+from transport_peer import Peer  # noqa: E402
+
+pytestmark = [pytest.mark.ucx,
+              pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx not importable")]
+
+#: The default UCX tcp path: its endpoints wire up through the peer, so a first send waits in UCX.
+TCP_PATH = {"tcp": {"ucx": {"TLS": "tcp,self", "PROTO_ENABLE": "n"}}}
+
+
+def _config(**kw: Any) -> TransportConfig:
+    return TransportConfig.model_validate({"backend": "ucx", "paths": TCP_PATH, **kw})
+
+
+def test_cancelled_control_sends_still_deliver_their_own_bytes() -> None:
+    """Five control messages of equal size, each on a fresh tcp endpoint, each abandoned by its sender right
+    after posting: the receiver gets all five, each with its own content (before the fix the freed buffers
+    were reused by the later messages and the receiver got five copies of the last one)."""
+    p, d = KVTransport("P", 0, _config()), KVTransport("D", 0, _config())
+    try:
+        for t in (p, d):
+            t.register_regions([np.zeros((4, 64), np.uint8)])
+        got: list[Any] = []
+        d_tcp: Any = d._backends["tcp"]
+
+        async def record(msg: Any) -> None:
+            got.append(msg)
+
+        d_tcp._dispatch = record
+        p_tcp: Any = p._backends["tcp"]
+        address = Descriptor.from_msgpack(d.descriptor()).paths["tcp"].ucx_address
+        from kvlane.transport.ucx import UcxLink
+
+        async def send_and_abandon() -> list[bool]:
+            pending = []
+            for i in range(5):
+                link = UcxLink(p_tcp, "D/rank0", await p_tcp._endpoint(address))
+                p_tcp._links.add(link)
+                task = asyncio.ensure_future(link.send_ctrl(Done(tid=f"t{i}-" + "x" * 100, nbytes=i)))
+                await asyncio.sleep(0)  # posted
+                pending.append(not task.done())
+                task.cancel()
+                churn = [np.frombuffer(os.urandom(120), np.uint8) for _ in range(200)]  # reuse freed memory
+                del churn
+            return pending
+
+        pending = asyncio.run_coroutine_threadsafe(send_and_abandon(), p._loop).result(30)
+        assert any(pending), "every send completed at once: nothing was abandoned in flight, the test proves nothing"
+        deadline = time.monotonic() + 15
+        while len(got) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted((m.tid, m.nbytes) for m in got) == [(f"t{i}-" + "x" * 100, i) for i in range(5)]
+    finally:
+        p.close()
+        d.close()
+
+
+def test_handshake_survives_a_reply_that_outlives_its_wait() -> None:
+    """P stops (SIGSTOP, as a starved vLLM worker does) the moment D gets its hello on the tcp path, for 6.5 s:
+    D's HELLO_OK on a new endpoint cannot wire up, D stops waiting for it after 5 s and goes on allocating.
+    When P runs again the reply must arrive intact and connect() succeed (before the fix P logged 'control
+    message claims N bytes' and the handshake timed out)."""
+    d = KVTransport("D", 0, _config())
+    peer = Peer()
+    pid = 0
+    try:
+        d.register_regions([np.zeros((4, 64), np.uint8)])
+        r = peer.call(op="init", engine="P", rank=0, config={"backend": "ucx", "paths": TCP_PATH,
+                                                              "connect_timeout_s": 20.0},
+                      n_regions=1, num_blocks=4, block_shape=[64], dtype="uint8", seed=1)
+        assert "error" not in r, r
+        pid = r["pid"]
+        d_tcp: Any = d._backends["tcp"]
+        dispatch = d_tcp._dispatch
+        stopped: list[float] = []
+        keep: list[Any] = []
+
+        async def stop_sender_at_hello(msg: Any) -> None:
+            if isinstance(msg, Hello) and not stopped:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(time.monotonic())
+                threading.Timer(6.5, os.kill, (pid, signal.SIGCONT)).start()
+
+                async def churn() -> None:  # after D's 5 s reply wait gave up: the process keeps allocating
+                    await asyncio.sleep(5.5)
+                    keep.append([bytes([i % 256]) * n for i in range(100) for n in range(20, 200)])
+
+                asyncio.ensure_future(churn())
+            await dispatch(msg)
+
+        d_tcp._dispatch = stop_sender_at_hello
+        t0 = time.monotonic()
+        reply = peer.call(op="connect", descriptor=d.descriptor(), timeout=60)
+        assert stopped, "D never saw the hello"
+        assert reply == {"connected": True}, reply
+        assert time.monotonic() - t0 > 6.0  # it really waited out the stop (the reply outlived D's 5 s wait)
+    finally:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        peer.stop()
+        d.close()
