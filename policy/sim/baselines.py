@@ -8,6 +8,7 @@ same `CreditLedger` as kvlane's gates D ingress (streams and bytes; no link rese
 
 from __future__ import annotations
 
+import hashlib
 import random
 import zlib
 from collections.abc import Callable
@@ -40,6 +41,12 @@ _NO_CREDIT_TTL_S = 1e9
 #: fat-tree they share their first up-link). "per-hop": every switch hashes the stream over *all* its
 #: next hops on a shortest route, as switch ECMP does with per-flow (per-QP) hashing.
 ECMP_MODES = ("listed", "per-hop")
+
+
+def _hash(text: str) -> int:
+    """A stable hash with independent bits for related inputs (CRC32 is linear: crc(x#0) ^ crc(x#1) does not
+    depend on x, so two hops hashed with CRC would always make correlated choices)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
 class _PerHopECMP:
@@ -81,16 +88,16 @@ class _PerHopECMP:
                     best.append((d, spid, dpid, sw[si], sw[di]))
         if not best:
             raise NoPairAvailable(f"no path from {src} to {dst}")
-        _, spid, dpid, s, target = best[zlib.crc32(salt.encode()) % len(best)]
+        _, spid, dpid, s, target = best[_hash(salt) % len(best)]
         dist = self.dist(target)
         route, links = [s], []
         cur = s
         hop = 0
         while cur != target:
             nxt = sorted(v for v in self.graph.neighbors(cur) if dist.get(v) == dist[cur] - 1)
-            v = nxt[zlib.crc32(f"{salt}#{hop}".encode()) % len(nxt)]
+            v = nxt[_hash(f"{salt}#{hop}") % len(nxt)]
             par = t.links_between(t.switch_index(cur), t.switch_index(v))
-            links.append(par[zlib.crc32(f"{salt}@{hop}".encode()) % len(par)][0])
+            links.append(par[_hash(f"{salt}@{hop}") % len(par)][0])
             route.append(v)
             cur = v
             hop += 1

@@ -443,26 +443,48 @@ class Topology:
     def shortest_switch_routes(self, s: int, t: int, plane: frozenset[str] | None = None, limit: int = 4,
                                salt: str = "") -> Iterator[tuple[list[int], list[str]]]:
         """Up to `limit` distinct shortest switch routes s→t (switch indices, link ids). Neighbour order is
-        rotated by a stable hash of `salt` (the GPU pair) so different pairs prefer different ECMP routes."""
+        rotated by a stable hash of `salt` (the GPU pair) so different pairs prefer different ECMP routes.
+
+        Route i first takes the (hash + i)-th next hop at *every* switch, so the routes differ from the first
+        hop on wherever the fabric allows (on a fat-tree: different aggregation up-links, not only different
+        cores above one shared up-link); the depth-first enumeration then fills up to `limit`. Route 0 is the
+        same either way."""
         dist = self._bfs_cached(t, plane)
         if dist[s] < 0:
             return
         adj = self._adjacency(plane)
         rot = zlib.crc32(salt.encode())
-        found = 0
+        seen: set[tuple[str, ...]] = set()
+
+        def nexts(u: int) -> list[tuple[int, str]]:
+            return [(v, lid) for v, lid, _ in adj[u] if dist[v] == dist[u] - 1]
+
+        for i in range(limit):
+            u, sw, ls = s, [s], []
+            while u != t:
+                nxt = nexts(u)
+                v, lid = nxt[(rot + i) % len(nxt)]
+                sw.append(v)
+                ls.append(lid)
+                u = v
+            key = tuple(ls)
+            if key not in seen:
+                seen.add(key)
+                yield sw, ls
+        if len(seen) >= limit:
+            return
 
         def walk(u: int, sw: list[int], ls: list[str]) -> Iterator[tuple[list[int], list[str]]]:
-            nonlocal found
             if u == t:
-                found += 1
-                yield list(sw), list(ls)
+                key = tuple(ls)
+                if key not in seen:
+                    seen.add(key)
+                    yield list(sw), list(ls)
                 return
-            nxt = [(v, lid) for v, lid, _ in adj[u] if dist[v] == dist[u] - 1]
-            if not nxt:
-                return
+            nxt = nexts(u)
             r = rot % len(nxt)
             for v, lid in nxt[r:] + nxt[:r]:
-                if found >= limit:
+                if len(seen) >= limit:
                     return
                 sw.append(v)
                 ls.append(lid)
