@@ -8,6 +8,7 @@ It moves exactly the blocks the scenario names; it never chooses a path or a blo
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -65,13 +66,24 @@ def _counters() -> dict[str, list[int]]:
 
 
 def _emit(**kv: object) -> None:
-    print(json.dumps(kv), flush=True)
+    """One JSON report line; ``t`` is the wall clock (shared by P and D in one guest) to order events."""
+    print(json.dumps({**kv, "t": round(time.time(), 3)}), flush=True)
 
 
 #: UCX keepalive off: with kvlane.transport's default (1 s) over rxe under QEMU emulation, transfers on a
 #: connected P/D pair never got their OFFER through (both devices busy with ~9 packets/s while idle); with
 #: it off the same moves pass. A dead peer is then caught by RC retries or, at the latest, the deadline.
 RXE_UCX_DEFAULTS = {"KEEPALIVE_INTERVAL": "inf"}
+#: P publishes this file in the rendezvous directory once every link is connected; D arms its expects then.
+P_CONNECTED = "P.connected"
+#: ... and this one after its last push: D withdraws what is still armed (it can no longer arrive).
+P_DONE = "P.done"
+#: How long either side waits for the other's start-up (descriptors, connect) under emulation.
+CONNECT_BUDGET_S = 600.0
+#: How long P waits for D to check and report a completed move (BLAKE2b of its blocks) before the next one.
+REPORT_BUDGET_S = 120.0
+#: Added to each expect's deadline: P's per-move overhead (counters, reports) between pushes.
+ARM_SLACK_S = 30.0
 #: Set by `run_pair(ucx_defaults=...)` in the child processes (TransportConfig.ucx_defaults override).
 UCX_DEFAULTS_ENV = "KVLANE_SOFTROCE_UCX_DEFAULTS"
 
@@ -122,13 +134,29 @@ def role_d(rdv: Path, tp: int, n_blocks: int, block_bytes: int, moves: list[Move
     for t, region in zip(ts, kv, strict=True):
         t.register_regions([region], layout_tag="softroce")
         _publish(rdv / f"D.rank{t.rank}.desc", t.descriptor())
+    _emit(role="D", event="published")
+    # Arm only once P is connected: P's start-up and handshakes took 40-160 s under emulation, and an expect
+    # armed before that ran out before P even offered (that was the "lost OFFER" of the first guest runs).
+    # All moves are armed at once; P pushes them one after another, each within deadline_s, so move k
+    # may start up to k deadlines late.
+    _wait_file(rdv / P_CONNECTED, CONNECT_BUDGET_S)
+    _emit(role="D", event="armed")
+    futs = [ts[m.rank].expect(m.tid, _copies(m, block_bytes), deadline_s=(k + 1) * deadline_s + ARM_SLACK_S)
+            for k, m in enumerate(moves)]
+    want = {r: prefill_blocks(r, n_blocks, block_bytes) for r in sorted({m.rank for m in moves})}
     ok_all = True
-    for m in moves:
-        res = ts[m.rank].expect(m.tid, _copies(m, block_bytes), deadline_s=deadline_s).result()
-        want = prefill_blocks(m.rank, n_blocks, block_bytes)
-        bad = [d for s, d in zip(m.src, m.dst, strict=True) if _digest(kv[m.rank][d]) != _digest(want[s])]
+    for m, fut in zip(moves, futs, strict=True):
+        while not fut.done():  # P is done: every move it completed has resolved here (D resolves before DONE)
+            try:
+                fut.result(timeout=0.5)
+            except concurrent.futures.TimeoutError:
+                if (rdv / P_DONE).exists():
+                    ts[m.rank].cancel(m.tid)
+        res = fut.result()
+        bad = [d for s, d in zip(m.src, m.dst, strict=True) if _digest(kv[m.rank][d]) != _digest(want[m.rank][s])]
         ok_all &= res.ok and not bad
         _emit(role="D", tid=m.tid, ok=res.ok, bytes=res.bytes, path=res.path, bad_blocks=bad, error=res.error)
+        _publish(rdv / f"D.{m.tid}.reported", b"1")
     for t in ts:
         t.close()
     return 0 if ok_all else 1
@@ -141,7 +169,7 @@ def role_p(rdv: Path, tp: int, n_blocks: int, block_bytes: int, moves: list[Move
     ts = [KVTransport("P", r, _config(tp, paths, tls)) for r in range(tp)]
     for t in ts:
         t.register_regions([prefill_blocks(t.rank, n_blocks, block_bytes)], layout_tag="softroce")
-    descs = [_wait_file(rdv / f"D.rank{r}.desc", 300) for r in range(tp)]
+    descs = [_wait_file(rdv / f"D.rank{r}.desc", CONNECT_BUDGET_S) for r in range(tp)]
     if tp > 1:  # TP rank i talks to rank i only: the transport refuses rank 0 → rank 1 before any byte moves
         try:
             ts[0].connect(descs[1])
@@ -153,6 +181,7 @@ def role_p(rdv: Path, tp: int, n_blocks: int, block_bytes: int, moves: list[Move
 
     from .ucx_verbs import mapped_ucx_libraries
 
+    _publish(rdv / P_CONNECTED, b"1")
     _emit(role="P", event="connected", paths=sorted(peers[0].links), ucx_version=list(ucxx.get_ucx_version()),
           ucx_libraries=mapped_ucx_libraries())
     ok_all = True
@@ -165,6 +194,12 @@ def role_p(rdv: Path, tp: int, n_blocks: int, block_bytes: int, moves: list[Move
         ok_all &= res.ok
         _emit(role="P", tid=m.tid, ok=res.ok, bytes=res.bytes, seconds=res.seconds, path=res.path,
               error=res.error, counters=delta)
+        if res.ok:  # D has its bytes; let it check and report them before the next move (which may kill it)
+            try:
+                _wait_file(rdv / f"D.{m.tid}.reported", REPORT_BUDGET_S)
+            except TimeoutError as exc:
+                _emit(role="P", event="no_report", tid=m.tid, error=str(exc))
+    _publish(rdv / P_DONE, b"1")
     for t in ts:
         t.close()
     return 0 if ok_all else 1
@@ -214,6 +249,8 @@ def run_pair(rdv: Path, moves: list[Move], *, ucx_env: dict[str, str], n_blocks:
     """Start D and P as two processes; with `kill_d_on=tid`, SIGKILL D `kill_after_s` after P starts
     pushing that transfer."""
     rdv.mkdir(parents=True, exist_ok=True)
+    for stale in [*rdv.glob("D.*"), rdv / P_CONNECTED, rdv / P_DONE]:  # from an earlier run here
+        stale.unlink(missing_ok=True)
     spec = json.dumps([m.to_json() for m in moves])
     common = ["--rendezvous", str(rdv), "--tp", str(tp), "--blocks", str(n_blocks), "--block-bytes",
               str(block_bytes), "--paths", json.dumps(paths or DEFAULT_PATHS), "--tls", tls,

@@ -12,7 +12,7 @@ import pytest
 from kvlane.integration.softroce import SoftRoceSetupError, in_guest, prepare, run_in_guest
 
 pytestmark = [pytest.mark.rxe, pytest.mark.slow]
-GUEST_PASSED = 7  # tests/softroce/guest: 13 tests, 6 of them xfail (lost-OFFER bug, docs/softroce.md)
+GUEST_PASSED = 13  # tests/softroce/guest: all 13 (docs/softroce.md)
 
 
 @pytest.mark.timeout(2000)
