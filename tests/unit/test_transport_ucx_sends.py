@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 from kvlane.transport import KVTransport, TransportConfig
-from kvlane.transport.wire import Descriptor, Done, Hello
+from kvlane.transport.wire import Descriptor, Done, Hello, encode_control
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
 from transport_peer import Peer  # noqa: E402
@@ -54,17 +54,22 @@ def test_cancelled_control_sends_still_deliver_their_own_bytes() -> None:
         address = Descriptor.from_msgpack(d.descriptor()).paths["tcp"].ucx_address
         from kvlane.transport.ucx import UcxLink
 
+        churn: list[bytes] = []
+
         async def send_and_abandon() -> list[bool]:
             pending = []
             for i in range(5):
                 link = UcxLink(p_tcp, "D/rank0", await p_tcp._endpoint(address))
                 p_tcp._links.add(link)
-                task = asyncio.ensure_future(link.send_ctrl(Done(tid=f"t{i}-" + "x" * 100, nbytes=i)))
+                msg = Done(tid=f"t{i}-" + "x" * 100, nbytes=i)
+                task = asyncio.ensure_future(link.send_ctrl(msg))
                 await asyncio.sleep(0)  # posted
                 pending.append(not task.done())
                 task.cancel()
-                churn = [np.frombuffer(os.urandom(120), np.uint8) for _ in range(200)]  # reuse freed memory
-                del churn
+                await asyncio.sleep(0)  # the cancellation is delivered: the sender no longer waits
+                await asyncio.sleep(0)
+                # what a busy process does next: allocate, here objects the size of the abandoned frame
+                churn.extend(b"\xab" * (4 + len(encode_control(msg))) for _ in range(100))
             return pending
 
         pending = asyncio.run_coroutine_threadsafe(send_and_abandon(), p._loop).result(30)
