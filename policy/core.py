@@ -93,7 +93,7 @@ class Policy:
         self._n_tiles = 0
         self._p_order: list[tuple[int, int, str]] = []  # (load, last pick, id) of prefill-capable engines
         self._p_key: dict[str, tuple[int, int, str]] = {}
-        self._p_tp: dict[int, int] = {}  # TP size -> number of prefill-capable engines
+        self._p_groups: dict[tuple[str, int], int] = {}  # (engine kind, TP size) -> prefill-capable engines
         self._wide_cache: dict[tuple[int, int, str], list[str]] = {}  # (cell, tier, role) -> engine ids
         # Switch index -> decode-capable engines with a NIC port of their first GPU on it ("leaf mates").
         self._leaf_decode: dict[int, dict[str, None]] = {}
@@ -195,7 +195,7 @@ class Policy:
             key = (e.p_load, e.last_pick, e.engine_id)
             bisect.insort(self._p_order, key)
             self._p_key[e.engine_id] = key
-            self._p_tp[e.tp] = self._p_tp.get(e.tp, 0) + 1
+            self._p_groups[e.group] = self._p_groups.get(e.group, 0) + 1
         switches = tuple(sorted({rec[2] for rec in self.topology.port_records(g)}))
         self._leaf_switches[e.engine_id] = switches
         if e.can_decode:
@@ -219,9 +219,9 @@ class Policy:
         key = self._p_key.pop(e.engine_id, None)
         if key is not None:
             del self._p_order[bisect.bisect_left(self._p_order, key)]
-            self._p_tp[e.tp] -= 1
-            if not self._p_tp[e.tp]:
-                del self._p_tp[e.tp]
+            self._p_groups[e.group] -= 1
+            if not self._p_groups[e.group]:
+                del self._p_groups[e.group]
         for g in e.info.gpus:
             if self._gpu_owner.get(g) == e.engine_id:
                 del self._gpu_owner[g]
@@ -270,34 +270,38 @@ class Policy:
 
     # ---- admissibility -------------------------------------------------------------------------------------
 
-    def _tp_ok(self, a: int, b: int) -> bool:
-        return a == b or (self.config.selection.heterogeneous_tp and (a % b == 0 or b % a == 0))
+    def _compatible(self, p: EngineState, d: EngineState) -> bool:
+        """P's KV can go to D at all: the same engine kind, and the same TP size (or a multiple, when
+        heterogeneous TP is on)."""
+        a, b = p.tp, d.tp
+        return p.info.kind == d.info.kind and (
+            a == b or (self.config.selection.heterogeneous_tp and (a % b == 0 or b % a == 0)))
 
     def _decode_ok(self, d: EngineState, p: EngineState, exclude: str | None) -> bool:
         """D may take this request at all (credit aside): not P itself, below the queue and memory limits,
-        TP-compatible."""
+        compatible with P."""
         sel = self.config.selection
         return (d is not p and d.engine_id != exclude and d.load < sel.max_decode_queue
-                and d.memory < sel.decode_memory_limit and self._tp_ok(p.tp, d.tp))
+                and d.memory < sel.decode_memory_limit and self._compatible(p, d))
 
     def _prefill_ok(self, p: EngineState, d: EngineState) -> bool:
-        return p is not d and p.p_load < self.config.selection.max_prefill_queue and self._tp_ok(p.tp, d.tp)
+        return p is not d and p.p_load < self.config.selection.max_prefill_queue and self._compatible(p, d)
 
     def _shortlist(self) -> list[EngineState]:
-        """The `prefill_shortlist` least-loaded prefill engines of each TP size present (one size: just the
-        least-loaded ones), below the queue limit."""
+        """The `prefill_shortlist` least-loaded prefill engines of each (engine kind, TP size) group present
+        (one group: just the least-loaded ones), below the queue limit."""
         sel = self.config.selection
         k = sel.prefill_shortlist
-        want = len(self._p_tp) * k
-        taken: dict[int, int] = {}
+        want = len(self._p_groups) * k
+        taken: dict[tuple[str, int], int] = {}
         out: list[EngineState] = []
         for load, _, eid in self._p_order:
             if load >= sel.max_prefill_queue or len(out) >= want:
                 break
             e = self._engines[eid]
-            n = taken.get(e.tp, 0)
+            n = taken.get(e.group, 0)
             if n < k:
-                taken[e.tp] = n + 1
+                taken[e.group] = n + 1
                 out.append(e)
         return out
 
@@ -438,7 +442,7 @@ class Policy:
             "no decode engine registered" if n_d == 0 else
             f"none of {n_d} decode engines is admissible for the {len(shortlist)} least-loaded prefill engines "
             f"(queue < {self.config.selection.max_decode_queue}, memory pressure < "
-            f"{self.config.selection.decode_memory_limit}, matching TP size)")
+            f"{self.config.selection.decode_memory_limit}, same engine kind and matching TP size)")
 
     def _path_gbps(self, p: EngineState, d: EngineState) -> float:
         """Bottleneck Gbps of the pair's best static path."""
@@ -513,7 +517,7 @@ class Policy:
                 score, terms, p, _ = self._best([(p, d) for p in ps], req, req.expected_cache_hit)
                 return score, terms, p, d, "sticky", len(ps)
         raise NoPairAvailable(f"no admissible prefill engine for session home {d.engine_id} "
-                              f"(queue < {self.config.selection.max_prefill_queue}, matching TP size)")
+                              f"(queue < {self.config.selection.max_prefill_queue}, same engine kind and matching TP size)")
 
     # ---- leases --------------------------------------------------------------------------------------------
 
@@ -529,6 +533,9 @@ class Policy:
             raise InvalidRequest(f"engine {d.engine_id} is registered as {d.info.role.value}: it cannot receive KV")
         if p is d:
             raise InvalidRequest(f"transfer {req.transfer_id}: prefill and decode are the same engine")
+        if p.info.kind != d.info.kind:
+            raise InvalidRequest(f"prefill {p.engine_id} is a {p.info.kind or 'unnamed'!r} engine, decode "
+                                 f"{d.engine_id} a {d.info.kind or 'unnamed'!r} one: KV moves only within one kind")
         if p.tp != d.tp and not self.config.selection.heterogeneous_tp:
             raise InvalidRequest(
                 f"TP size mismatch: prefill {p.engine_id} has TP={p.tp}, decode {d.engine_id} has TP={d.tp}; "

@@ -73,6 +73,11 @@ class EngineState:
         return self.queue + self.pending
 
     @property
+    def group(self) -> tuple[str, int]:
+        """(engine kind, TP size): prefill engines are shortlisted per group so each kind and size has some."""
+        return (self.info.kind, self.tp)
+
+    @property
     def p_load(self) -> int:
         """Load as a prefill engine: queued + assigned + the prefill it is running now. A prefill-only engine
         reports `running` as its in-progress prefills (0 or 1 in practice), which delay the next one as much

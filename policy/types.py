@@ -77,13 +77,18 @@ class Role(str, enum.Enum):
         return self in (Role.DECODE, Role.BOTH)
 
 
+#: The `EngineInfo.endpoints` key naming the engine's family ("sglang", ...): P and D must share it.
+ENGINE_KIND = "engine"
+
+
 class EngineInfo(WireModel):
     """An engine (one TP group) joining the pool. `gpus[i]` is the topology GPU that TP rank i runs on."""
 
     engine_id: Name
     role: Role
     gpus: list[Name] = Field(min_length=1, max_length=64)
-    #: Where clients reach it (e.g. {"http": "http://127.0.0.1:8100"}); opaque to the policy.
+    #: Where clients reach it (e.g. {"http": "http://127.0.0.1:8100"}); opaque to the policy except
+    #: `endpoints[ENGINE_KIND]` (e.g. "sglang"): only engines of one kind exchange KV (absent = "").
     endpoints: dict[Name, Annotated[str, Field(max_length=500)]] = Field(default_factory=dict, max_length=16)
     #: KV bytes one token occupies on this engine across all its ranks (0 = unknown).
     kv_bytes_per_token: NonNeg = 0
@@ -93,6 +98,11 @@ class EngineInfo(WireModel):
     @property
     def tp_size(self) -> int:
         return len(self.gpus)
+
+    @property
+    def kind(self) -> str:
+        """The serving engine's family (`endpoints["engine"]`): KV moves only between engines of one kind."""
+        return self.endpoints.get(ENGINE_KIND, "")
 
 
 class LoadReport(WireModel):

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from kvlane.policy.types import (
+    ENGINE_KIND,
     EngineInfo,
     LeaseDenied,
     LeaseGrant,
@@ -186,7 +187,7 @@ class KVLaneKVManager(BaseKVManager):
     def _register_engine(self) -> None:
         sa = self.server_args
         http_host = _reachable(getattr(sa, "host", "127.0.0.1"))
-        endpoints = {"engine": "sglang", "http": f"http://{http_host}:{getattr(sa, 'port', 30000)}"}
+        endpoints = {ENGINE_KIND: "sglang", "http": f"http://{http_host}:{getattr(sa, 'port', 30000)}"}
         if self.role == "prefill":
             endpoints["sglang_bootstrap"] = f"{http_host}:{getattr(sa, 'disaggregation_bootstrap_port', 8998)}"
         info = EngineInfo(engine_id=self.engine_id, role=Role(self.role), gpus=self.gpus, endpoints=endpoints,

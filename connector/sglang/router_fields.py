@@ -18,12 +18,12 @@ from .wire import transfer_id_for_room
 
 __all__ = ["bootstrap_fields", "is_sglang_engine", "new_bootstrap_room", "sglang_pd_bodies", "transfer_id_for_room"]
 
-#: EngineInfo.endpoints keys the kvlane SGLang backend registers.
-ENGINE_KIND, BOOTSTRAP = "engine", "sglang_bootstrap"
+#: EngineInfo.endpoints keys the kvlane SGLang backend registers (besides ENGINE_KIND = "sglang").
+BOOTSTRAP = "sglang_bootstrap"
 
 
 def is_sglang_engine(info: EngineInfo) -> bool:
-    return info.endpoints.get(ENGINE_KIND) == "sglang"
+    return info.kind == "sglang"
 
 
 def new_bootstrap_room() -> int:

@@ -315,7 +315,8 @@ class Router:
             kinds = {True: "SGLang", False: "vLLM"}
             return _error(503, f"the policy paired prefill engine {decision.prefill} ({kinds[sglang]}) with decode "
                                f"engine {decision.decode} ({kinds[not sglang]}): a vLLM engine and an SGLang engine "
-                               "cannot exchange KV; serve each kind from its own policy service and router",
+                               "cannot exchange KV (kvlane's policy pairs within one engine kind: is the policy "
+                               "service an older version?)",
                           "mixed_pair")
 
         self.metrics.decisions.labels(prefill=decision.prefill, decode=decision.decode,

@@ -518,3 +518,29 @@ def test_outcome_on_another_candidate_path_updates_that_path():
     assert paths["tcp"]["gbps"] == pytest.approx(25 * (0.7 + 0.3 * 0.5))  # EWMA with a half-speed sample
     with pytest.raises(InvalidRequest, match="outcome is for lease"):
         pol.release_lease("L-1", TransferOutcome(lease_id="L-2", ok=True, bytes=0, seconds=0.0), 1.0)
+
+
+def test_engines_of_different_kinds_never_pair():
+    """A pool mixing vLLM engines (no `engine` endpoint) with SGLang ones: every pair the policy proposes is of
+    one kind, and a lease across kinds is refused with both kinds named."""
+    pol = Policy(load_topology("loopback:gpus=4"))
+    sg = {"engine": "sglang"}
+    pol.register_engine(EngineInfo(engine_id="vP", role=Role.PREFILL, gpus=["n0.g0"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="sP", role=Role.PREFILL, gpus=["n0.g1"], endpoints=sg), 0.0)
+    pol.register_engine(EngineInfo(engine_id="vD", role=Role.DECODE, gpus=["n0.g2"]), 0.0)
+    pol.register_engine(EngineInfo(engine_id="sD", role=Role.DECODE, gpus=["n0.g3"], endpoints=sg), 0.0)
+    kinds = {"vP": "", "vD": "", "sP": "sglang", "sD": "sglang"}
+    seen = set()
+    for i in range(40):
+        dec = pol.select_pair(PairRequest(request_id=f"r{i}"), float(i))
+        assert kinds[dec.prefill] == kinds[dec.decode], dec
+        seen.add((dec.prefill, dec.decode))
+    assert seen == {("vP", "vD"), ("sP", "sD")}  # both pools are used
+    with pytest.raises(InvalidRequest, match="'sglang' engine, decode vD a 'unnamed' one"):
+        lease(pol, "t-x", "sP", "vD")
+    assert isinstance(lease(pol, "t-ok", "sP", "sD"), LeaseGrant)
+    # SGLang's decode full: its prefill is not offered vLLM's decode; only the vLLM pair is left.
+    pol.report_load(LoadReport(engine_id="sD", queue_depth=10**6), 50.0)
+    for i in range(20):
+        dec = pol.select_pair(PairRequest(request_id=f"s{i}"), 60.0 + i)
+        assert (dec.prefill, dec.decode) == ("vP", "vD"), dec
