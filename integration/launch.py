@@ -344,8 +344,10 @@ def vllm_command(
     served_model_name: str | None = None,
     extra_connector_config: Mapping[str, Any] | None = None,
     extra_args: Sequence[str] = (),
+    log_stats: bool = False,
 ) -> list[str]:
-    """The argv of one vLLM OpenAI server (see `start_vllm_engine`)."""
+    """The argv of one vLLM OpenAI server (see `start_vllm_engine`). `log_stats`: keep vLLM's stats (its
+    Prometheus gauges such as `vllm:kv_cache_usage_perc`, and a stats log line every 10 s); off by default."""
     if block_size <= 0 or block_size % 32:
         raise ValueError(f"block_size={block_size}: vLLM's CPU attention needs a positive multiple of 32")
     if tp < 1:
@@ -359,8 +361,9 @@ def vllm_command(
         "--max-model-len", str(max_model_len),
         "--dtype", dtype,
         "--seed", str(seed),
-        "--disable-log-stats",
     ]
+    if not log_stats:
+        argv.append("--disable-log-stats")
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     if role is not None:
@@ -431,6 +434,7 @@ def start_vllm_engine(
     tmpdir: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
     host: str = "127.0.0.1",
+    log_stats: bool = False,
 ) -> EngineProcess:
     """Start one vLLM OpenAI server (does not wait: call `wait_healthy`).
 
@@ -441,7 +445,8 @@ def start_vllm_engine(
     engine_id = engine_id or (f"{role}-{port}" if role else f"plain-{port}")
     argv = vllm_command(model_dir, port, host=host, role=role, engine_id=engine_id, policy_addr=policy_addr,
                         tp=tp, block_size=block_size, max_model_len=max_model_len, dtype=dtype,
-                        served_model_name=served_model_name, extra_connector_config=extra_connector_config, extra_args=extra_args)
+                        served_model_name=served_model_name, extra_connector_config=extra_connector_config, extra_args=extra_args,
+                        log_stats=log_stats)
     log = _log_path(log_file, f"vllm-{engine_id}")
     own_tmp = tmpdir is None
     tmp = short_tmpdir(engine_id) if own_tmp else Path(tmpdir)  # type: ignore[arg-type]

@@ -62,6 +62,7 @@ class TransportPath:
         # transfer id -> (per-route receive futures, destination blocks, cancel reason)
         self._expects: dict[str, tuple[list[Future[Any]], list[int], str | None]] = {}
         self._peers: dict[bytes, Any] = {}
+        self._connecting: dict[bytes, threading.Lock] = {}  # one handshake per peer at a time
         self._warned_paths: set[str] = set()
 
     def descriptor(self) -> bytes:
@@ -133,12 +134,21 @@ class TransportPath:
         with self._lock:
             return any(all(f.done() for f in futs) for futs, _, _ in self._expects.values())
 
-    def _push_one(self, key: bytes, tid: str, path: str, copies: list[Any], deadline: float) -> PushResult:
-        t0 = time.monotonic()
-        try:
+    def _peer(self, key: bytes) -> Any:
+        """The connected peer of descriptor `key`; concurrent pushes to a new peer share one handshake
+        (four handshakes at once to one D timed out under load where one succeeds)."""
+        with self._lock:
+            lock = self._connecting.setdefault(key, threading.Lock())
+        with lock:
             peer = self._peers.get(key)
             if peer is None:
                 peer = self._peers[key] = self.t.connect(key)
+            return peer
+
+    def _push_one(self, key: bytes, tid: str, path: str, copies: list[Any], deadline: float) -> PushResult:
+        t0 = time.monotonic()
+        try:
+            peer = self._peer(key)
             use = path
             if path not in peer.links:
                 use = next(iter(peer.links))

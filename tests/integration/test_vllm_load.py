@@ -64,7 +64,7 @@ def load_dep():
             engines[name] = start_vllm_engine(
                 model, port, engine_id=name, cpu_cores=[core], served_model_name=MODEL, block_size=BLOCK,
                 max_model_len=2048, extra_args=["--kv-transfer-config", json.dumps(cfg)], env=env,
-                log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
+                log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}", log_stats=True,
             )
         for e in engines.values():
             e.wait_healthy(600)
@@ -133,6 +133,8 @@ def test_thousand_requests_with_faults_end_exact_or_clear_and_leave_nothing_behi
             wrong.append(r)
         outcome["completed" if r["kv"].get("status") == "done" else "recomputed"] += 1
     print(f"\n{N_REQUESTS} requests, concurrency {CONCURRENCY}, {wall:.0f} s: {dict(outcome)}; faults {FAULTS}")
+    for r in [r for r in results if r["status"] != 200][:5]:
+        print(f"  request {r['i']}: HTTP {r['status']} {r['error'][:300]}")
     assert not wrong, f"{len(wrong)} answers differ from the single engine, e.g. {wrong[:2]}"
     # ~5 % of transfers fail on purpose: those requests recompute; the rest must have moved their KV.
     assert outcome["completed"] >= 0.85 * N_REQUESTS, dict(outcome)
