@@ -75,3 +75,38 @@ def test_poll_mode_asks_again_after_retry_after():
     for a, b in zip(reqs, reqs[1:], strict=False):
         assert b.lease_granted >= a.transfer_end
     assert sum(r.denials for r in reqs) >= 2
+
+
+def one_uplink() -> Topology:
+    """P n0, n1 on leaf l0, D n2, n3 on leaf l1, one spine: every transfer crosses l0--s and s--l1 (8 Gbps =
+    1e9 B/s, 6.4 Gbps reservable); access links 80 Gbps."""
+    t = Topology("one-uplink")
+    for s in ("l0", "l1", "s"):
+        t.add_switch(s)
+    for i, role in enumerate(["prefill", "prefill", "decode", "decode"]):
+        t.add_node(f"n{i}", 1, role_hint=role)
+        t.add_port(f"n{i}.g0", "p0", "l0" if i < 2 else "l1", 80.0)
+    t.add_link("l0", "s", 8.0)
+    t.add_link("l1", "s", 8.0)
+    return t
+
+
+@pytest.mark.parametrize("mode", ["wakeup", "poll"])
+def test_a_link_quota_waiter_wakes_when_the_lease_on_that_link_ends(mode):
+    # Two 1e8 B transfers (100,000 tokens) finish prefill together at 10 s. Each reserves 5 Gbps (the minimum
+    # per stream) on the uplink, whose reservable 6.4 Gbps fits one: kvlane refuses the second on the link quota
+    # (D ingress has room: 3 streams). The first alone runs at 1e9 B/s: 10.0-10.1 s. Woken on its release, the
+    # second starts at 10.1 s exactly; polling asks again after retry_after = the first's expected end at its
+    # reserved 5 Gbps (0.16 s), so it starts at 10.16 s.
+    topo = one_uplink()
+    sim = Simulator(topo, make_policy("kvlane", topo), SimConfig(cost=COST, lease_retry=mode))  # type: ignore[arg-type]
+    res = sim.run(synchronized(2, prompt_tokens=100_000, output_tokens=5))
+    assert res.summary["completed"] == 2 and res.summary["lease_denials"] >= 1
+    first, second = sorted(sim.requests, key=lambda r: r.lease_granted)
+    assert first.lease_granted == pytest.approx(10.0) and first.transfer_end == pytest.approx(10.1)
+    if mode == "wakeup":
+        assert second.lease_granted == first.transfer_end
+        assert second.denials == 1
+    else:
+        assert second.lease_granted == pytest.approx(10.16)
+    assert second.kv_transfer_s == pytest.approx(0.1)
