@@ -660,7 +660,9 @@ class KVTransport:
             try:
                 await asyncio.wait_for(link.send_ctrl(msg), 5.0)
             except Exception as exc:
-                log.info("kvlane transport %s: reply %s to %s lost: %s", self.key, msg.t, link.peer_key, exc)
+                # a timeout only ends our wait: the backend keeps sending it (ucx: the buffer stays alive)
+                log.info("kvlane transport %s: reply %s to %s not confirmed sent within 5 s: %s: %s", self.key, msg.t,
+                         link.peer_key, type(exc).__name__, exc)
         asyncio.ensure_future(send())
 
     def _bind(self, e: _Expect, link: Link, offer: Offer, path: str) -> None:

@@ -48,6 +48,11 @@ def _tune(sock: socket.socket) -> None:
             pass
 
 
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _host_view(v: Any) -> memoryview:
     if not isinstance(v, np.ndarray):
         raise TypeError("the tcp backend moves host memory only; use the ucx backend for device memory")
@@ -82,8 +87,16 @@ class TcpLink:
 
     async def send_ctrl(self, msg: Wire) -> None:
         data = encode_control(msg)
+        # shielded like data frames: a caller that gives up (a reply's 5 s wait, a push deadline) while the
+        # socket is full must not leave half a frame on the stream, or the peer parses the next frame from
+        # the middle of this one ("control message claims N bytes") and the connection is lost
+        write = asyncio.ensure_future(self._write_ctrl(_LEN.pack(len(data)) + data))
+        write.add_done_callback(_retrieve)  # its error (the link is then dead) may have nobody waiting
+        await asyncio.shield(write)
+
+    async def _write_ctrl(self, frame: bytes) -> None:
         async with self._wlock:
-            await self._sendall(_LEN.pack(len(data)) + data)
+            await self._sendall(frame)
 
     async def send_runs(self, tid: str, tag_base: int, views: list[Any]) -> None:
         for i, v in enumerate(views):

@@ -1,8 +1,9 @@
-"""ucx backend: a control message whose sender stopped waiting for it (a reply's 5 s wait, a push deadline)
-must still reach the peer intact. UCX keeps reading the send buffer until the request completes — on a
-UCX tcp endpoint that is still wiring up, that is when the peer gets scheduled again — so kvlane must not
-free it early. Regression for the TP=2 vLLM run whose tcp-path handshake timed out after P logged
-``dropped a control message: control message claims 2129019364 bytes`` (docs/transport.md)."""
+"""A control message whose sender stopped waiting for it (a reply's 5 s wait, a push deadline) must still
+reach the peer whole. ucx: UCX keeps reading the send buffer until the request completes — on a UCX tcp
+endpoint still wiring up, that is when the peer is scheduled again — so kvlane must not free it early.
+tcp: a write cut off by the cancellation must not leave half a frame on the stream. Regression for the
+TP=2 vLLM run whose tcp-path handshake timed out after P logged ``dropped a control message: control
+message claims 2129019364 bytes`` (docs/transport.md, "Sends outlive their waiters")."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import asyncio
 import importlib.util
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
@@ -19,13 +22,20 @@ from typing import Any
 import numpy as np
 import pytest
 from kvlane.transport import KVTransport, TransportConfig
-from kvlane.transport.wire import Descriptor, Done, Hello, encode_control
+from kvlane.transport.wire import (
+    MAX_CONTROL_BYTES,
+    Descriptor,
+    Done,
+    Hello,
+    Offer,
+    decode_control,
+    encode_control,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
 from transport_peer import Peer  # noqa: E402
 
-pytestmark = [pytest.mark.ucx,
-              pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx not importable")]
+no_ucxx = pytest.mark.skipif(importlib.util.find_spec("ucxx") is None, reason="ucxx not importable")
 
 #: The default UCX tcp path: its endpoints wire up through the peer, so a first send waits in UCX.
 TCP_PATH = {"tcp": {"ucx": {"TLS": "tcp,self", "PROTO_ENABLE": "n"}}}
@@ -35,6 +45,8 @@ def _config(**kw: Any) -> TransportConfig:
     return TransportConfig.model_validate({"backend": "ucx", "paths": TCP_PATH, **kw})
 
 
+@pytest.mark.ucx
+@no_ucxx
 def test_cancelled_control_sends_still_deliver_their_own_bytes() -> None:
     """Five control messages of equal size, each on a fresh tcp endpoint, each abandoned by its sender right
     after posting: the receiver gets all five, each with its own content (before the fix the freed buffers
@@ -83,6 +95,8 @@ def test_cancelled_control_sends_still_deliver_their_own_bytes() -> None:
         d.close()
 
 
+@pytest.mark.ucx
+@no_ucxx
 def test_handshake_survives_a_reply_that_outlives_its_wait() -> None:
     """P stops (SIGSTOP, as a starved vLLM worker does) the moment D gets its hello on the tcp path, for 6.5 s:
     D's HELLO_OK on a new endpoint cannot wire up, D stops waiting for it after 5 s and goes on allocating.
@@ -130,3 +144,59 @@ def test_handshake_survives_a_reply_that_outlives_its_wait() -> None:
                 pass
         peer.stop()
         d.close()
+
+
+def test_tcp_control_write_cut_off_by_its_caller_still_completes_the_frame() -> None:
+    """tcp backend: the peer does not read, a 300 KB offer fills the socket and its sender gives up after
+    0.3 s; a small DONE follows. The peer must then read two whole frames, the offer and the DONE (before
+    the fix it read the offer's first part followed by the DONE's bytes: a broken stream)."""
+    t = KVTransport("P", 0, TransportConfig(backend="tcp", paths={"tcp": {}}))
+    listener, ours = socket.socket(), socket.socket()
+    for sock in (listener, ours):  # small buffers (set before connecting): the offer cannot fit
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 << 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    ours.connect(listener.getsockname())
+    theirs, _ = listener.accept()
+    listener.close()
+    try:
+        ours.setblocking(False)
+        from kvlane.transport.tcp import TcpLink
+
+        big = Offer(tid="big", sender="P/rank0", wait_s=5.0, runs=[(0, 4096 * i, 4096) for i in range(30000)])
+        small = Done(tid="small", nbytes=7)
+
+        async def give_up_then_send() -> tuple[bool, Any]:
+            link = TcpLink(t._backends["tcp"], ours, "D/rank0")
+            try:
+                await asyncio.wait_for(link.send_ctrl(big), 0.3)
+                gave_up = False
+            except TimeoutError:
+                gave_up = True
+            return gave_up, asyncio.ensure_future(link.send_ctrl(small))
+
+        gave_up, _ = asyncio.run_coroutine_threadsafe(give_up_then_send(), t._loop).result(10)
+        assert gave_up, "the offer fit into the socket buffers: nothing was cut off, the test proves nothing"
+        theirs.settimeout(5)
+
+        def exact(n: int) -> bytes:
+            out = bytearray()
+            while len(out) < n:
+                try:
+                    chunk = theirs.recv(n - len(out))
+                except TimeoutError:
+                    pytest.fail(f"got {len(out)} of the {n} bytes a frame announced, then nothing: the stream broke")
+                assert chunk, "connection closed"
+                out += chunk
+            return bytes(out)
+
+        frames = []
+        for _ in range(2):
+            (n,) = struct.unpack("<I", exact(4))
+            assert n <= MAX_CONTROL_BYTES, f"frame claims {n} bytes: the stream broke"
+            frames.append(decode_control(exact(n)))
+        assert frames == [big, small]
+    finally:
+        t.close()
+        theirs.close()
