@@ -145,7 +145,7 @@ def degrade(topology: Topology, switches: Iterable[str] = (), links: Iterable[st
                 down.add(g)
                 continue
             # the next live sibling in rank order (wrapping): spreads relays when several GPUs lost their NIC
-            sib = min(alive, key=lambda s, i=i: (gpus.index(s) - i) % len(gpus))
+            sib = min(alive, key=lambda s: (gpus.index(s) - i) % len(gpus))
             relayed[g] = sib
             key = frozenset((g, sib))
             if key not in nvlinks:

@@ -251,7 +251,7 @@ class Simulator:
     # ---- setup -----------------------------------------------------------------------------------------------
     def _build_engines(self) -> None:
         cfg = self.config
-        down = getattr(self.topology, "down_gpus", frozenset())
+        down: frozenset[str] = getattr(self.topology, "down_gpus", frozenset())
         for eid, role, gpus in plan_engines(self.topology, cfg):
             if down and not down.isdisjoint(gpus):
                 self.down_engines.append(eid)
