@@ -70,9 +70,11 @@ def _emit(**kv: object) -> None:
     print(json.dumps({**kv, "t": round(time.time(), 3)}), flush=True)
 
 
-#: UCX keepalive off: with kvlane.transport's default (1 s) over rxe under QEMU emulation, transfers on a
-#: connected P/D pair never got their OFFER through (both devices busy with ~9 packets/s while idle); with
-#: it off the same moves pass. A dead peer is then caught by RC retries or, at the latest, the deadline.
+#: UCX keepalive off in the soft-RoCE scenario: its packets (~9/s per device while idle) would blur the
+#: per-device packet counts the guest tests assert. (An earlier note here blamed keepalive for OFFERs that
+#: never got through; that was D's expects running out during P's start-up, see docs/softroce.md. With
+#: keepalive on the moves pass, and a killed D surfaced as an endpoint error after 32 s.) A dead peer is then
+#: caught by RC retries or, at the latest, the deadline.
 RXE_UCX_DEFAULTS = {"KEEPALIVE_INTERVAL": "inf"}
 #: P publishes this file in the rendezvous directory once every link is connected; D arms its expects then.
 P_CONNECTED = "P.connected"
