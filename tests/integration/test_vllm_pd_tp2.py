@@ -18,9 +18,12 @@ from kvlane.integration.launch import free_port, start_policy_service, start_vll
 from kvlane.integration.tiny_model import build_tiny_llama, default_cache_dir  # noqa: E402
 from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _prompt, _tokens  # noqa: E402
 
-# `vllm_tp`: D with TP=2 currently stalls on this 2-core machine (P's first step does not finish: vLLM's
-# shm broadcast waits 60 s+); kept out of scripts/test.sh until fixed — run with `pytest -m vllm_tp`.
+# `vllm_tp`: 4 worker processes on 2 cores. The stall seen before (D's workers spinning on vLLM's shm queue
+# while waiting for KV starved P's TP workers) is gone with the connector's idle-step wait (docs/connector.md).
 pytestmark = [pytest.mark.vllm, pytest.mark.vllm_tp]
+# kvlane.transport's tcp backend: over ucx every handshake between vLLM's TP=2 worker processes timed out here
+# (10 s) while TP=1 works — open, docs/connector.md "Limits".
+TRANSPORT = "tcp"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,8 @@ def tp2():
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores="0|1", tp=2,
                 served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0},
+                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0,
+                                        "transport": TRANSPORT},
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
         for e in engines.values():
