@@ -86,7 +86,7 @@ def scenarios(topo: Topology, tor: str, spine: str | None) -> list[tuple[str, To
 
 
 def run_one(fabric: str, wl_name: str, policy: str, scenario: str, topo: Topology, workload, cfg: SimConfig,
-            seed: int, ecmp: str = "listed") -> Run:
+            seed: int, ecmp: str = "per-hop") -> Run:
     t0 = time.process_time()
     sim = Simulator(topo, make_policy(policy, topo, seed=seed, ecmp=ecmp), cfg, policy_name=policy)
     res = sim.run(workload)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--load", type=float, default=0.7)
     ap.add_argument("--requests", type=int, default=0, help="serving requests (default: 2 per prefill engine)")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="listed",
+    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="per-hop",
                     help="baselines' routing (see kvlane.policy.sim.baselines.ECMP_MODES)")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="sessions (multi-turn, sticky deltas count) and/or one-shot (same bytes for all)")
     ap.add_argument("--link-scale", type=float, default=1.0, help="multiply every link's bandwidth")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="listed",
+    ap.add_argument("--ecmp", choices=["listed", "per-hop"], default="per-hop",
                     help="baselines' routing: one of the topology's listed routes, or per-hop ECMP hashing")
     ap.add_argument("--quiet", action="store_true", help="only the summary table")
     ap.add_argument("--markdown", action="store_true", help="print the tables as markdown too (for docs)")

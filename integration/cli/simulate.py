@@ -49,7 +49,7 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
          link_scale: float, pd_ratio: str, sticky: bool, kv_bytes_per_token: int | None,
          prefill_tps: float | None, want_timeline: bool, decode_tps: float | None = None,
          decode_kv_gib: float | None = None, fail: list[str] | None = None, relay: str = "nvlink",
-         lease_retry: str = "wakeup") -> list[Any]:
+         lease_retry: str = "wakeup", ecmp: str = "per-hop") -> list[Any]:
     from kvlane.policy.sim.failure import RELAYS, degrade, parse_failures
     from kvlane.policy.topology import TopologyError, load_topology
 
@@ -64,6 +64,8 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
         _fail(f"--relay must be one of {', '.join(RELAYS)}, got {relay!r}")
     if lease_retry not in ("wakeup", "poll"):
         _fail(f"--lease-retry must be wakeup or poll, got {lease_retry!r}")
+    if ecmp not in ("per-hop", "listed"):
+        _fail(f"--ecmp must be per-hop or listed, got {ecmp!r}")
     if fail:
         try:
             switches, links = parse_failures(fail)
@@ -88,7 +90,8 @@ def _run(policies: list[str], *, topology: str, workload: str, trace: str | None
         if not trace and workload not in PROFILES:
             _fail(f"unknown --workload {workload!r}; choose one of {', '.join(PROFILES)} (or give --trace FILE)")
         return [simulate(topo, p, workload=wl, load=load, requests=requests, seed=seed, arrivals=arrivals,
-                         burst_size=burst, credits=credits, config=cfg, policy_config=pcfg) for p in policies]
+                         burst_size=burst, credits=credits, config=cfg, policy_config=pcfg, ecmp=ecmp)
+                for p in policies]
     except (SimError, WorkloadError, ValueError) as exc:
         _fail(str(exc))
     return []
@@ -120,6 +123,8 @@ _FAIL = typer.Option(None, "--fail", help="Fail a switch or link for the whole r
                      "bare switch id; repeatable (docs/simulator.md, 'Single switch failure').")
 _RELAY = typer.Option("nvlink", "--relay", help="A GPU whose every NIC failed: nvlink (use a sibling GPU's NIC) "
                       "or none (its engine is drained).")
+_ECMP = typer.Option("per-hop", "--ecmp", help="Baselines' routing: per-hop (every switch hashes each rank stream "
+                     "over all shortest next hops) or listed (one of the topology's listed routes).")
 _RETRY = typer.Option("wakeup", "--lease-retry", help="Denied lease: wakeup (FIFO queue per D, woken on release) "
                       "or poll (ask again after retry_after).")
 
@@ -133,14 +138,14 @@ def run_cmd(
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
     decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
     plot_path: str | None = _PLOT, as_json: bool = _JSON, fail: list[str] | None = _FAIL, relay: str = _RELAY,
-    lease_retry: str = _RETRY,
+    lease_retry: str = _RETRY, ecmp: str = _ECMP,
 ) -> None:
     """Simulate one policy: TTFT, KV-transfer time, D ingress concurrency, link utilisation, bytes moved."""
     results = _run([policy], topology=topology, workload=workload, trace=trace, load=load, requests=requests,
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
                    prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
-                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry)
+                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry, ecmp=ecmp)
     _emit(results, as_json, plot_path, f"{policy} on {topology}, {trace or workload} at load {load}")
 
 
@@ -153,7 +158,7 @@ def compare_cmd(
     sticky: bool = _STICKY, kv_bytes_per_token: int | None = _BPT, prefill_tps: float | None = _PTPS,
     decode_tps: float | None = _DTPS, decode_kv_gib: float | None = _DKV,
     plot_path: str | None = _PLOT, as_json: bool = _JSON, fail: list[str] | None = _FAIL, relay: str = _RELAY,
-    lease_retry: str = _RETRY,
+    lease_retry: str = _RETRY, ecmp: str = _ECMP,
 ) -> None:
     """Simulate several policies on the same workload, side by side."""
     names = [p.strip() for p in policies.split(",") if p.strip()]
@@ -161,7 +166,7 @@ def compare_cmd(
                    seed=seed, arrivals=arrivals, burst=burst, credits=credits, max_streams=max_streams,
                    link_scale=link_scale, pd_ratio=pd_ratio, sticky=sticky, kv_bytes_per_token=kv_bytes_per_token,
                    prefill_tps=prefill_tps, want_timeline=plot_path is not None, decode_tps=decode_tps,
-                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry)
+                   decode_kv_gib=decode_kv_gib, fail=fail, relay=relay, lease_retry=lease_retry, ecmp=ecmp)
     _emit(results, as_json, plot_path, f"{topology}, {trace or workload} at load {load}")
 
 

@@ -77,7 +77,7 @@ def simulate(
     config: SimConfig | None = None,
     policy_config: Any = None,
     multi_turn: bool = True,
-    ecmp: str = "listed",
+    ecmp: str = "per-hop",
 ) -> SimResult:
     """One run: `topology` (a Topology or a spec string for `load_topology`), a policy by name, a workload
     (profile name, or a prepared `Workload` such as a trace) at `load` × the cluster's capacity. `ecmp`: how

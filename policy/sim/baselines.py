@@ -36,7 +36,7 @@ POLICIES = ("kvlane",) + BASELINES
 #: Lease lifetime of a baseline without credits (it never expires a transfer in practice).
 _NO_CREDIT_TTL_S = 1e9
 
-#: How a baseline picks a rank stream's route. "listed": one of the topology's listed equal-cost candidates,
+#: How a baseline picks a rank stream's route (default "per-hop"). "listed": one of the topology's listed equal-cost candidates,
 #: hashed per stream (the topology lists at most `ecmp` routes per port pair, found depth-first, so on a
 #: fat-tree they share their first up-link). "per-hop": every switch hashes the stream over *all* its
 #: next hops on a shortest route, as switch ECMP does with per-flow (per-QP) hashing.
@@ -110,7 +110,7 @@ class BaselinePolicy:
     name = "baseline"
 
     def __init__(self, topology: Any, *, seed: int = 0, credits: bool = False,
-                 credit_config: CreditConfig | None = None, ecmp: str = "listed") -> None:
+                 credit_config: CreditConfig | None = None, ecmp: str = "per-hop") -> None:
         if ecmp not in ECMP_MODES:
             raise ValueError(f"ecmp must be one of {', '.join(ECMP_MODES)}, got {ecmp!r}")
         self.topology = topology
@@ -328,7 +328,7 @@ def no_credit_config(base: PolicyConfig | None = None) -> PolicyConfig:
 
 
 def make_policy(name: str, topology: Any, *, seed: int = 0, credits: bool | None = None,
-                config: PolicyConfig | None = None, ecmp: str = "listed") -> Any:
+                config: PolicyConfig | None = None, ecmp: str = "per-hop") -> Any:
     """A policy by name. `credits`: None = the policy's default (kvlane on, baselines off). `ecmp`: how a
     baseline routes (see `ECMP_MODES`); kvlane always chooses among the topology's candidates itself."""
     if name == "kvlane":
