@@ -3,8 +3,8 @@
 #   1. ruff over the tree, mypy over the pure policy core;
 #   2. the default suite: unit, property, fuzz, transport (two processes), policy service, router, simulator;
 #   3. the slow suite (marker `vllm`): real vLLM prefill/decode engines on CPU through KVLaneConnector
-#      (token-exact vs a single engine, negative control, sticky delta, decode killed mid-stream).
-#      TP=2 runs (marker vllm_tp) stall on 2 cores today and are left out: `pytest -m vllm_tp`.
+#      (token-exact vs a single engine, negative control, sticky delta, decode killed mid-stream, TP=2 and
+#      P TP=1 -> D TP=2 (marker vllm_tp), 1,000 requests with injected faults (marker load)).
 # Usage: scripts/test.sh [--fast] [pytest args]     --fast: skip step 3
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,5 +17,5 @@ export UCX_WARN_UNUSED_ENV_VARS=n
 # pytest exit 5 (no tests collected) is a failure here like any other non-zero exit.
 .venv/bin/python -m pytest -q -rs -m "not vllm and not bench" "$@"
 if ((fast == 0)); then
-  .venv/bin/python -m pytest -q -rs -m "vllm and not vllm_tp" --durations=10 "$@"
+  .venv/bin/python -m pytest -q -rs -m vllm --durations=10 "$@"
 fi
