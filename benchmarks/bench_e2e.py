@@ -6,7 +6,7 @@ each connector's own measured transfer time for the same KV sizes, side by side 
     .venv/bin/python benchmarks/bench_e2e.py --lengths 128,1024 --skip nixl
 
 Runs the pairs one after the other (never together: 2 cores), P pinned to core 0 and D to core 1:
-1. kvlane: policy service + P + D (KVLaneConnector, blockwire) + `kvlane router serve`; requests stream
+1. kvlane: policy service + P + D (KVLaneConnector, default transport) + `kvlane router serve`; requests stream
    through the router. The single-engine reference is kvlane's P called directly (no kv_transfer_params).
 2. NIXL: P + D with `{"kv_connector":"NixlConnector","kv_role":"kv_both"}`; this script is the proxy
    (vLLM's pull flow: P with `do_remote_decode` and max_tokens=1, then D streamed with P's returned
