@@ -130,7 +130,7 @@ def test_a_lost_offer_is_offered_again_and_the_transfer_completes(backend: str, 
         assert res.ok and res.bytes == 2 * 256, res
         assert got.result(5).ok
         assert mem[5:7].tobytes() == src[0][1:3].tobytes() and not mem[:5].any() and not mem[7:].any()
-        assert wire.count(Offer, "r-1") == 1 and took >= 0.2  # the copy after 0.2 s of silence got through
+        assert wire.count(Offer, "r-1") >= 1 and took >= 0.2  # a copy after 0.2 s of silence got through
         assert wire.arms == ["r-1"]
 
 
@@ -158,7 +158,7 @@ def test_a_repeated_offer_is_answered_but_never_armed_twice(backend: str, secret
         end = time.monotonic() + 5
         while wire.count(Done, "r-2") == dones and time.monotonic() < end:
             time.sleep(0.02)
-        assert wire.count(Done, "r-2") == dones + 1
+        assert wire.count(Done, "r-2") > dones
         assert wire.arms == ["r-2"] and not mem.any()
         assert not [w for w in warnings.records if "refused offer" in w], warnings.records
 
