@@ -5,7 +5,8 @@ purpose and ~5 % of the policy service's replies delayed ($KVLANE_FAULTS, one se
 Every request must end token-exact against P alone (pushed KV, or recomputed after a failed transfer) or as a
 clear HTTP error; afterwards kvlane's own accounting must be back to rest: no lease outstanding, no decode
 stream or byte credit in use, no KV block held by either engine, nothing running or waiting. Prints the
-completed / recomputed / failed counts (docs/reliability.md records a run).
+completed / recomputed / failed counts (docs/reliability.md records a run). Then the policy service is
+SIGKILLed and restarted on its port: engines and router reconnect and re-register, and requests flow again.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def load_dep():
     env = {"KVLANE_FAULTS": json.dumps(FAULTS)}
     pol = start_policy_service("loopback:gpus=2", free_port(), log_file=logs / "policy.log", env=env)
     engines: dict[str, Any] = {}
-    router = None
+    # The restart test replaces "pol" with the new service; teardown stops whatever is there then.
+    dep: dict[str, Any] = {"pol": pol, "engines": engines, "router": None, "logs": logs, "env": env}
     try:
         for name, role, core, gpu in (("p0", "prefill", 0, "n0.g0"), ("d0", "decode", 1, "n0.g1")):
             port = free_port()
@@ -68,15 +70,15 @@ def load_dep():
             )
         for e in engines.values():
             e.wait_healthy(600)
-        router = start_router(pol.addr, free_port(), log_file=logs / "router.log",
-                              extra_args=["--request-timeout", "300"])
-        yield pol, engines, router, logs
+        dep["router"] = start_router(pol.addr, free_port(), log_file=logs / "router.log",
+                                     extra_args=["--request-timeout", "300"])
+        yield dep
     finally:
-        if router is not None:
-            router.stop()
+        if dep["router"] is not None:
+            dep["router"].stop()
         for e in engines.values():
             e.stop()
-        pol.stop()
+        dep["pol"].stop()
 
 
 def _metric(url: str, name: str) -> float:
@@ -113,7 +115,7 @@ async def _run(router_url: str, p_url: str, prompts: list[str]) -> list[dict[str
 
 
 def test_thousand_requests_with_faults_end_exact_or_clear_and_leave_nothing_behind(load_dep):
-    pol, engines, router, logs = load_dep
+    pol, engines, router = load_dep["pol"], load_dep["engines"], load_dep["router"]
     rng = random.Random(5)
     # Distinct prompts (the seed is the request number), 8-90 words: 1-5 blocks each, no prefix shared
     # across requests beyond the BOS token, so every request pushes its whole prompt.
@@ -142,17 +144,8 @@ def test_thousand_requests_with_faults_end_exact_or_clear_and_leave_nothing_behi
     assert outcome["failed"] <= 0.02 * N_REQUESTS, dict(outcome)
 
     # kvlane's accounting back at rest (P releases its last leases on background threads: a short settle).
-    client = SyncPolicyClient(pol.addr, timeout=10.0)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            snap = client.snapshot()
-            busy = [e for e in snap["engines"] if e["streams_in"] or e["bytes_in"]]
-            if (not snap["leases"] and not busy) or time.monotonic() > deadline:
-                break
-            time.sleep(1.0)
-    finally:
-        client.close()
+    snap = _at_rest(pol.addr)
+    busy = [e for e in snap["engines"] if e["streams_in"] or e["bytes_in"]]
     assert snap["leases"] == [], snap["leases"][:3]
     assert snap["ledger_violations"] == [], snap["ledger_violations"][:3]
     assert busy == [], busy
@@ -163,3 +156,48 @@ def test_thousand_requests_with_faults_end_exact_or_clear_and_leave_nothing_behi
             while (v := _metric(e.url, gauge)) != 0 and time.monotonic() < deadline:
                 time.sleep(1.0)
             assert v == 0, f"{name}: {gauge} = {v} after the load (leaked blocks or requests)"
+
+
+def _at_rest(addr: str, timeout: float = 60.0) -> dict[str, Any]:
+    client = SyncPolicyClient(addr, timeout=10.0)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = client.snapshot()
+            busy = [e for e in snap["engines"] if e["streams_in"] or e["bytes_in"]]
+            if (not snap["leases"] and not busy) or time.monotonic() > deadline:
+                return snap
+            time.sleep(1.0)
+    finally:
+        client.close()
+
+
+def test_policy_service_restart_engines_and_router_come_back(load_dep):
+    """SIGKILL the policy service and start a new one on the same port (its state is gone): the connectors
+    re-register their engines and D's rank descriptors, the router reconnects, and requests are served with
+    their KV pushed again, token-exact; nothing is left held afterwards."""
+    pol, engines, router = load_dep["pol"], load_dep["engines"], load_dep["router"]
+    port = int(pol.addr.rsplit(":", 1)[1])
+    pol.stop(timeout=0.1)  # SIGTERM then SIGKILL: no graceful goodbye to the clients
+    load_dep["pol"] = pol = start_policy_service("loopback:gpus=2", port, log_file=load_dep["logs"] / "policy2.log",
+                                                 env=load_dep["env"])
+    client = SyncPolicyClient(pol.addr, timeout=10.0)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the clients' reconnect back-off is at most 10 s
+            snap = client.snapshot()
+            if {e["engine_id"] for e in snap["engines"]} == {"p0", "d0"} and 0 in client.get_ranks("d0"):
+                break
+            assert time.monotonic() < deadline, f"engines did not re-register: {snap['engines']}"
+            time.sleep(1.0)
+    finally:
+        client.close()
+    rng = random.Random(6)
+    prompts = [_prompt(rng.randint(20, 60), seed=20_000 + i) for i in range(40)]
+    results = asyncio.run(_run(router.url, engines["p0"].url, prompts))
+    bad = [r for r in results if r["status"] != 200 or r["text"] != r["ref"]]
+    assert not bad, bad[:3]
+    pushed = sum(1 for r in results if r["kv"].get("status") == "done")
+    assert pushed >= 0.8 * len(prompts), f"only {pushed} of {len(prompts)} pushed their KV after the restart"
+    snap = _at_rest(pol.addr)
+    assert snap["leases"] == [] and snap["ledger_violations"] == [], snap["leases"][:3]
