@@ -88,6 +88,11 @@ class TransportConfig(BaseModel):
     #: pending request with a sleep(0) loop: ~25 % of a core idle, since a control receive is always
     #: posted). Polling modes are not offered (unusable on 2 cores, FACTS.md).
     ucx_progress_mode: Literal["blocking", "thread"] = "thread"
+    #: CPUs the transport's own threads may run on: its event-loop thread, and so every thread that thread
+    #: starts (ucxx's progress and notifier threads, tcp helpers). None = inherit the creating thread's
+    #: affinity. Set it where the caller is pinned to a core it keeps busy (vLLM's CPU workers under
+    #: VLLM_CPU_OMP_THREADS_BIND): UCX handshakes starved behind the pinned worker (docs/transport.md).
+    thread_cpus: frozenset[int] | None = None
     #: Extra process-wide UCX env (applied with setdefault before ucxx is imported).
     ucx_env: dict[str, str] = Field(default_factory=lambda: dict(UCX_BASE_ENV))
     #: Shared secret of the deployment (default: $KVLANE_SECRET, like the policy clients; None = no
@@ -100,6 +105,13 @@ class TransportConfig(BaseModel):
     def _non_empty(cls, v: SecretBytes | None) -> SecretBytes | None:
         if v is not None and not v.get_secret_value():
             raise ValueError("an empty secret is not a secret; pass None to disable authentication")
+        return v
+
+    @field_validator("thread_cpus")
+    @classmethod
+    def _cpus(cls, v: frozenset[int] | None) -> frozenset[int] | None:
+        if v is not None and (not v or min(v) < 0):
+            raise ValueError(f"thread_cpus must be a non-empty set of CPU numbers >= 0, got {sorted(v)}")
         return v
 
     @field_validator("paths")

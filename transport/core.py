@@ -198,6 +198,14 @@ class KVTransport:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"kvlane-transport-{self.key}",
                                         daemon=True)
         self._thread.start()
+        if self.config.thread_cpus is not None:  # before _start(): ucxx's threads inherit the loop thread's
+            try:
+                os.sched_setaffinity(self._thread.native_id, self.config.thread_cpus)
+            except OSError as exc:
+                self._stop_loop()
+                raise ValueError(f"thread_cpus {sorted(self.config.thread_cpus)}: cannot run the transport "
+                                 f"threads there ({exc.strerror}); allowed here: "
+                                 f"{sorted(os.sched_getaffinity(0))}") from None
         self._backends: dict[str, Backend] = {}
         self._addresses: dict[str, PathAddress] = {}
         try:
