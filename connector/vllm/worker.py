@@ -7,6 +7,7 @@ what to move or where, never blocks a model step on the network (pushes run on i
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,17 @@ from .meta import KVLaneMetadata, KVLaneWorkerMeta, PushOrder, RankReport
 from .params import ConnectorConfig
 
 logger = init_logger("vllm.kvlane.connector")
+
+
+def _transport_cpus() -> frozenset[int] | None:
+    """CPUs for the transport's threads when vLLM pinned this worker's thread to fewer than the machine has
+    (VLLM_CPU_OMP_THREADS_BIND: one core per TP rank), else None (inherit). Pinned, the transport's threads
+    (event loop, ucxx progress and notifier threads) share that one core with the worker, which spins on
+    vLLM's shared-memory queue, and with the other engine's rank pinned there too: every UCX handshake of
+    P and D at TP=2 on 2 cores timed out (docs/connector.md, "Transport threads")."""
+    machine = frozenset(range(os.cpu_count() or 1))  # the kernel drops CPUs outside this process's cpuset
+    return machine if os.sched_getaffinity(0) != machine else None
+
 
 class TransportPath:
     """This rank's data path: a `kvlane.transport.KVTransport` (backend "ucx", or "tcp" where ucxx is absent)
@@ -52,6 +64,11 @@ class TransportPath:
                                 "hetero_tp": hetero}
         if cfg.paths is not None:
             tcfg["paths"] = cfg.paths
+        cpus = _transport_cpus()
+        if cpus is not None:
+            tcfg["thread_cpus"] = cpus
+            logger.info("kvlane rank %d: transport threads may run on CPUs %s (this worker thread: %s)", rank,
+                        sorted(cpus), sorted(os.sched_getaffinity(0)))
         self.t = KVTransport(cfg.engine_id, rank, TransportConfig(**tcfg))
         tag = layers.fingerprint
         if hetero is not None:  # both sides describe the whole model's heads, not their own share

@@ -21,9 +21,6 @@ from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _prompt, _token
 # `vllm_tp`: 4 worker processes on 2 cores. The stall seen before (D's workers spinning on vLLM's shm queue
 # while waiting for KV starved P's TP workers) is gone with the connector's idle-step wait (docs/connector.md).
 pytestmark = [pytest.mark.vllm, pytest.mark.vllm_tp]
-# kvlane.transport's tcp backend: over ucx every handshake between vLLM's TP=2 worker processes timed out here
-# (10 s) while TP=1 works — open, docs/connector.md "Limits".
-TRANSPORT = "tcp"
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,7 @@ def tp2():
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores="0|1", tp=2,
                 served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0,
-                                        "transport": TRANSPORT},
+                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0},
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
         for e in engines.values():
