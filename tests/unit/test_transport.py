@@ -4,7 +4,6 @@ failures, and a SIGKILLed peer never hangs or takes down the survivor."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import time
 from collections.abc import Iterator
@@ -25,17 +24,9 @@ from kvlane.transport import (
 from kvlane.transport.ranks import routes_between
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
+from transport_cases import BACKENDS, BLOCK, PATH, SHAPE  # noqa: E402
 from transport_peer import Peer, make_regions  # noqa: E402
 
-HAS_UCXX = importlib.util.find_spec("ucxx") is not None
-BACKENDS = [
-    pytest.param("tcp", id="tcp"),
-    pytest.param("ucx", id="ucx", marks=[pytest.mark.ucx,
-                                        pytest.mark.skipif(not HAS_UCXX, reason="ucxx not importable")]),
-]
-PATH = {"tcp": "tcp", "ucx": "shm"}
-BLOCK = [2, 4, 16]  # [kv_heads, block_size, 2*head_size] fp16 → 256-byte blocks
-SHAPE = BlockShape(kv_heads=2, block_size=4, head_size=8, itemsize=2)
 P_BLOCKS, D_BLOCKS = 16, 24
 
 

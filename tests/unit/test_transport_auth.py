@@ -6,7 +6,6 @@ byte into KV memory, is logged with its address and has its connection closed.""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import socket
 import struct
@@ -19,22 +18,14 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-from kvlane.transport import AuthError, BlockShape, KVTransport, TransportConfig, block_copies
+from kvlane.transport import AuthError, KVTransport, TransportConfig, block_copies
 from kvlane.transport import auth as A
 from kvlane.transport.wire import Descriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the child-process helper lives next to this file
+from transport_cases import BACKENDS, BLOCK, PATH, SHAPE  # noqa: E402
 from transport_peer import Peer, make_regions  # noqa: E402
 
-HAS_UCXX = importlib.util.find_spec("ucxx") is not None
-BACKENDS = [
-    pytest.param("tcp", id="tcp"),
-    pytest.param("ucx", id="ucx", marks=[pytest.mark.ucx,
-                                        pytest.mark.skipif(not HAS_UCXX, reason="ucxx not importable")]),
-]
-PATH = {"tcp": "tcp", "ucx": "shm"}
-BLOCK = [2, 4, 16]  # fp16: 256-byte blocks
-SHAPE = BlockShape(kv_heads=2, block_size=4, head_size=8, itemsize=2)
 BLOCKS = 8
 SECRET = b"s3cret-of-the-deployment"
 A_COPY = block_copies(0, [0], [3], SHAPE)[0]  # what the raw-socket tests' receiver expects: one block into block 3

@@ -7,7 +7,6 @@ the reason instead of being held until the sender's deadline."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import sys
 import time
@@ -17,21 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kvlane.transport import BlockShape, KVTransport, TransportConfig, block_copies
+from kvlane.transport import KVTransport, TransportConfig, block_copies
 from kvlane.transport.wire import Done, Offer, Ready
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the regions helper lives next to this file
+from transport_cases import BACKENDS, BLOCK, PATH, SHAPE  # noqa: E402
 from transport_peer import make_regions  # noqa: E402
 
-HAS_UCXX = importlib.util.find_spec("ucxx") is not None
-BACKENDS = [
-    pytest.param("tcp", id="tcp"),
-    pytest.param("ucx", id="ucx", marks=[pytest.mark.ucx,
-                                        pytest.mark.skipif(not HAS_UCXX, reason="ucxx not importable")]),
-]
-PATH = {"tcp": "tcp", "ucx": "shm"}
-BLOCK = [2, 4, 16]  # fp16: 256-byte blocks
-SHAPE = BlockShape(kv_heads=2, block_size=4, head_size=8, itemsize=2)
 BLOCKS = 8
 SECRET = b"retry-test-secret"
 
