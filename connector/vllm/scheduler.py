@@ -235,6 +235,9 @@ class SchedulerSide:
         job = self._recv.get(rid)
         self._seen.discard(rid)
         if job is not None:
+            forget = getattr(self.client, "forget_announce", None)
+            if forget is not None:  # over for the policy too: not re-announced to a restarted service
+                forget(job.params.transfer_id)
             with self._lock:
                 job.finished = True
                 if job.state not in (TransferState.DONE, TransferState.FAILED):

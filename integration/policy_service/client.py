@@ -306,6 +306,12 @@ class PolicyClient(PolicyApi):
             self._conn = conn
             return conn
 
+    def forget_announce(self, transfer_id: str) -> None:
+        """The transfer is over (its KV arrived or the receiver gave up): a restarted service need not be told
+        about its announce again. Without this the client re-sends every announce of the last
+        `announce_memory_s` after a restart — hundreds under load, which outlasted the callers' deadlines."""
+        self._announces.pop(transfer_id, None)
+
     @property
     def restarts_seen(self) -> int:
         """How many times this client reconnected to a restarted service (a new boot id)."""
@@ -582,6 +588,12 @@ class SyncPolicyClient:
             self._loop.close()
 
     # The typed calls, one per PolicyApi method.
+
+    def forget_announce(self, transfer_id: str) -> None:
+        """See `PolicyClient.forget_announce` (no I/O; a no-op for clients that remember nothing)."""
+        forget = getattr(self._client, "forget_announce", None)
+        if forget is not None and not getattr(self, "_closed", True):
+            self._loop.call_soon_threadsafe(forget, transfer_id)
 
     def ping(self, timeout: float | None = None) -> float:
         return self._do(lambda c: c.ping(timeout), timeout)

@@ -58,6 +58,8 @@ async def test_async_client_reconnects_after_a_restart_and_registers_again():
         old = await c.acquire_lease(lease_req("t1"))
         assert isinstance(old, LeaseGrant)
         await c.announce("t1", {"block_ids": [1, 2]})
+        await c.announce("t-done", {"block_ids": [3]})
+        c.forget_announce("t-done")  # that transfer ended: not worth telling a new service
         async with PolicyClient(srv.address, timeout=5.0, secret=None) as other:
             await other.announce("t-other", {"x": 1})  # closed before the restart: nobody re-announces it
 
@@ -83,6 +85,8 @@ async def test_async_client_reconnects_after_a_restart_and_registers_again():
             assert await c.await_announce("t1", 0.0) == {"block_ids": [1, 2]}
             with pytest.raises(AnnounceTimeout):
                 await c.await_announce("t-other", 0.0)
+            with pytest.raises(AnnounceTimeout):
+                await c.await_announce("t-done", 0.0)
             new = await c.acquire_lease(lease_req("t1"))  # the same transfer may ask again
             assert isinstance(new, LeaseGrant) and new.lease_id != old.lease_id
             assert new.lease_id.split("-")[0] != old.lease_id.split("-")[0]  # a new per-start prefix
