@@ -137,7 +137,7 @@ class ConnectorConfig(BaseModel):
     #: keeps vLLM's workers from spinning while the engine only waits for KV (see worker.WorkerSide._idle_wait).
     idle_wait_ms: Annotated[float, Field(ge=0.0, le=1000.0)] = 10.0
     #: Heterogeneous TP: the other side's TP size when it differs from this engine's (P TP=1 -> D TP=2, ...).
-    #: Needs a kvlane.transport data path (head slices go rank -> rank by `transport.ranks.head_routes`).
+    #: Head slices go rank -> rank by `transport.ranks.head_routes`, each under its own transfer id.
     peer_tp: Annotated[int, Field(ge=1, le=64)] | None = None
     fault_injection: FaultInjection = FaultInjection()
 
