@@ -1,6 +1,8 @@
-"""Real vLLM (CPU) with heterogeneous TP: P at TP=1 pushes to D at TP=2 over `kvlane.transport` (default backend), each
+"""Real vLLM (CPU) with heterogeneous TP: P at TP=1 pushes to D at TP=2 over `kvlane.transport` (tcp backend), each
 D rank receiving its own KV head slice of every block (`transport.ranks.head_routes`); D's answer is
 token-exact against P itself and the received bytes add up to the whole blocks.
+Over UCX this passed once and failed once (2026-11-22: P's UCX handshake with D rank 1 on UCX's tcp path timed
+out at 10 s under load), so CI runs it on kvlane's tcp backend; docs/connector.md "Limits".
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def hetero():
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores=cores, tp=tp,
                 served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": gpus, "peer_tp": peer_tp,
+                extra_connector_config={"gpus": gpus, "transport": "tcp", "peer_tp": peer_tp,
                                         "recv_timeout_s": 180.0, "announce_timeout_s": 30.0},
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
