@@ -42,7 +42,7 @@ from kvlane.policy.sim import (
     synchronized,
 )
 from kvlane.policy.sim.failure import degrade
-from kvlane.policy.sim.metrics import SimResult, percentile
+from kvlane.policy.sim.metrics import SimResult, markdown_rows, percentile
 from kvlane.policy.sim.simulator import plan_engines
 from kvlane.policy.topology import Topology, load_topology
 from rich.console import Console
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(*row)
     console.print(table)
     if args.markdown:
-        print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
+        print("\n" + markdown_rows(headers, rows))
     lat = [r.result.summary["kv_transfer_p99_s"] for r in runs]
     console.print(f"[dim]{len(runs)} runs, total {time.monotonic() - t_start:.1f} s wall, "
                   f"{sum(r.cpu_s for r in runs):.1f} s CPU; median KV xfer p99 {percentile(lat, 50):.4f} s[/dim]")

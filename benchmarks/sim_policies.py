@@ -19,6 +19,7 @@ import sys
 import time
 
 from kvlane.policy.sim import POLICIES, SimConfig, markdown_table, render_table, simulate
+from kvlane.policy.sim.metrics import markdown_rows
 from kvlane.policy.topology import load_topology
 from rich.console import Console
 
@@ -122,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(*row)
     console.print(table)
     if args.markdown:
-        print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-        for row in summary:
-            print("| " + " | ".join(row) + " |")
+        print(markdown_rows(headers, summary))
     console.print(f"[dim]total {time.monotonic() - t0:.1f} s wall[/dim]")
     return 0
 

@@ -166,12 +166,17 @@ def render_table(results: Sequence[SimResult], title: str = "", extra: dict[str,
     return table
 
 
+def markdown_rows(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub markdown table of string cells (what the benchmarks print with --markdown)."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(results: Sequence[SimResult], extra: dict[str, list[str]] | None = None) -> str:
     headers = [h for _, h, _ in COLUMNS] + list(extra or {})
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for i, row in enumerate(table_rows(results)):
-        lines.append("| " + " | ".join(row + [cells[i] for cells in (extra or {}).values()]) + " |")
-    return "\n".join(lines)
+    return markdown_rows(headers, [row + [cells[i] for cells in (extra or {}).values()]
+                                   for i, row in enumerate(table_rows(results))])
 
 
 def busiest_window(timeline: Sequence[tuple[float, float, str, float]], window_s: float,
