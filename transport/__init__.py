@@ -9,6 +9,7 @@ from .ranks import BlockShape, HeadRoute, block_copies, head_routes
 from .types import (
     AuthError,
     BlockCopy,
+    HandshakeTimeout,
     LayoutMismatchError,
     PeerError,
     TransferResult,
@@ -18,7 +19,7 @@ from .types import (
 from .wire import WireError
 
 __all__ = [
-    "AuthError", "BlockCopy", "BlockShape", "HeadRoute", "HeteroTP", "KVTransport", "LayoutMismatchError", "PathConfig",
+    "AuthError", "BlockCopy", "BlockShape", "HandshakeTimeout", "HeadRoute", "HeteroTP", "KVTransport", "LayoutMismatchError", "PathConfig",
     "PeerError", "PeerHandle", "RankMismatchError", "TransferResult", "TransportConfig", "TransportError",
     "WireError", "block_copies", "coalesce", "head_routes",
 ]

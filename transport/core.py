@@ -23,6 +23,7 @@ from .memory import Region, as_region, span
 from .types import (
     AuthError,
     BlockCopy,
+    HandshakeTimeout,
     LayoutMismatchError,
     PeerError,
     TransferResult,
@@ -468,7 +469,7 @@ class KVTransport:
             if link is not None:
                 link.close()
             if isinstance(exc, TimeoutError):
-                raise PeerError(f"handshake with {desc.key} on path {path!r} timed out after "
+                raise HandshakeTimeout(f"handshake with {desc.key} on path {path!r} timed out after "
                                 f"{self.config.connect_timeout_s}s") from None
             if isinstance(exc, OSError):
                 raise PeerError(f"cannot reach {desc.key} on path {path!r}: {exc}") from None

@@ -21,6 +21,11 @@ class PeerError(TransportError):
     """The peer is unreachable, refused the handshake, or its link broke."""
 
 
+class HandshakeTimeout(PeerError):
+    """The handshake got no answer within `TransportConfig.connect_timeout_s` (peer busy, gone, or a stalled
+    link); unlike a refusal it is worth one more try while the caller's deadline allows."""
+
+
 class AuthError(PeerError):
     """The handshake's shared-secret check failed: wrong or missing secret on one side, or a replayed answer."""
 

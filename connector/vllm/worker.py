@@ -78,8 +78,8 @@ class TransportPath:
         self._lock = threading.Lock()
         # transfer id -> (per-route receive futures, destination blocks, cancel reason)
         self._expects: dict[str, tuple[list[Future[Any]], list[int], str | None]] = {}
-        self._peers: dict[bytes, Any] = {}
-        self._connecting: dict[bytes, threading.Lock] = {}  # one handshake per peer at a time
+        self._peers: dict[tuple[bytes, str], Any] = {}  # (descriptor, path) -> connected peer
+        self._connecting: dict[tuple[bytes, str], threading.Lock] = {}  # one handshake per peer and path at a time
         self._warned_paths: set[str] = set()
 
     def descriptor(self) -> bytes:
@@ -151,37 +151,55 @@ class TransportPath:
         with self._lock:
             return any(all(f.done() for f in futs) for futs, _, _ in self._expects.values())
 
-    def _peer(self, key: bytes) -> Any:
-        """The connected peer of descriptor `key`; concurrent pushes to a new peer share one handshake
-        (four handshakes at once to one D timed out under load where one succeeds)."""
+    def _path(self, granted: str) -> str:
+        """The transport path for the path a lease granted: the same name, else the first configured path
+        (logged once per name: the topology's path names should be configured in extra_config.paths)."""
+        paths = list(self.t.config.paths)
+        if granted in paths:
+            return granted
+        if granted not in self._warned_paths:
+            self._warned_paths.add(granted)
+            logger.warning("kvlane rank %d: the lease grants path %r but this transport has paths %s; using %r "
+                           "(set extra_config.paths to name the topology's paths)", self.rank, granted, paths,
+                           paths[0])
+        return paths[0]
+
+    def _peer(self, key: bytes, path: str, deadline: float) -> Any:
+        """The peer of descriptor `key`, connected on `path` only (a handshake per path actually used, when a
+        lease first grants it). Concurrent pushes to a new peer share one handshake (four at once to one D
+        timed out under load where one succeeds); a handshake that times out is tried once more while the
+        push deadline leaves room for it (docs/connector.md, "Handshakes")."""
+        from kvlane.transport import HandshakeTimeout
+
         with self._lock:
-            lock = self._connecting.setdefault(key, threading.Lock())
+            lock = self._connecting.setdefault((key, path), threading.Lock())
         with lock:
-            peer = self._peers.get(key)
-            if peer is None:
-                peer = self._peers[key] = self.t.connect(key)
+            peer = self._peers.get((key, path))
+            if peer is not None:
+                return peer
+            try:
+                peer = self.t.connect(key, paths=[path])
+            except HandshakeTimeout as exc:
+                if deadline - time.monotonic() < self.t.config.connect_timeout_s:
+                    raise
+                logger.warning("kvlane rank %d: %s; trying once more", self.rank, exc)
+                peer = self.t.connect(key, paths=[path])
+            self._peers[(key, path)] = peer
             return peer
 
-    def _push_one(self, key: bytes, tid: str, path: str, copies: list[Any], deadline: float) -> PushResult:
+    def _push_one(self, key: bytes, tid: str, granted: str, copies: list[Any], deadline: float) -> PushResult:
         t0 = time.monotonic()
+        use = self._path(granted)
         try:
-            peer = self._peer(key)
-            use = path
-            if path not in peer.links:
-                use = next(iter(peer.links))
-                if path not in self._warned_paths:
-                    self._warned_paths.add(path)
-                    logger.warning("kvlane rank %d: the lease grants path %r but this transport has paths %s; "
-                                   "using %r (set extra_config.paths to name the topology's paths)",
-                                   self.rank, path, sorted(peer.links), use)
+            peer = self._peer(key, use, deadline)
             remaining = max(0.05, deadline - time.monotonic())
             r = self.t.push(peer, tid, use, copies, remaining).result(remaining + 10.0)
             if not r.ok:
-                self._peers.pop(key, None)
+                self._peers.pop((key, use), None)
             return PushResult(r.ok, r.bytes, r.seconds, r.error, use)
         except Exception as exc:
-            self._peers.pop(key, None)
-            return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}")
+            self._peers.pop((key, use), None)
+            return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}", use)
 
     def push(self, p: PushOrder, path: str) -> PushResult:
         from kvlane.transport.ranks import route_transfer_id

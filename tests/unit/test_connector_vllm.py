@@ -224,6 +224,47 @@ def test_push_to_a_closed_peer_fails_within_its_deadline(pd_paths):
     assert not res.ok and time.monotonic() - t0 < 3.0 + 10.0
 
 
+def test_only_the_granted_path_is_handshaken_and_an_unknown_path_falls_back(pd_paths):
+    _, _, make = pd_paths
+    p, d, _ = make()
+    seen: list[list[str] | None] = []
+    real = p.t.connect
+    p.t.connect = lambda key, paths=None: seen.append(paths) or real(key, paths=paths)
+    d.arm("g1", [1], time.monotonic() + 20)
+    d.arm("g2", [2], time.monotonic() + 20)
+    r1 = p.push(_order("g1", [0], [1], [d.descriptor()]), "tcp")
+    r2 = p.push(_order("g2", [0], [2], [d.descriptor()]), "rail7")  # a path this transport does not have
+    assert r1.ok and r2.ok, (r1.error, r2.error)
+    assert r2.path == "shm"  # the first configured path (the defaults are shm, tcp)
+    assert seen == [["tcp"], ["shm"]]  # one handshake per path used, none for the rest
+
+
+def test_a_timed_out_handshake_is_tried_once_more_within_the_deadline(pd_paths):
+    from kvlane.transport import HandshakeTimeout
+
+    _, _, make = pd_paths
+    p, d, _ = make()
+    calls = []
+    real = p.t.connect
+
+    def flaky(key, paths=None):
+        calls.append(paths)
+        if len(calls) == 1:
+            raise HandshakeTimeout("handshake with d0/rank0 on path 'tcp' timed out after 10.0s")
+        return real(key, paths=paths)
+
+    p.t.connect = flaky
+    d.arm("h1", [3], time.monotonic() + 30)
+    res = p.push(_order("h1", [0], [3], [d.descriptor()], deadline_s=25.0), "tcp")
+    assert res.ok, res.error
+    assert calls == [["tcp"], ["tcp"]]
+    # a deadline too close for another full handshake: the timeout is the push's failure, no second try
+    calls.clear()
+    p._peers.clear()
+    res = p.push(_order("h2", [0], [4], [d.descriptor()], deadline_s=5.0), "tcp")
+    assert not res.ok and "HandshakeTimeout" in res.error and calls == [["tcp"]]
+
+
 def test_blockwire_is_gone_with_a_clear_error():
     with pytest.raises(ValueError, match="blockwire.*removed"):
         parse_config({"policy": POLICY, "role": "decode", "engine_id": "d0", "transport": "blockwire"})
