@@ -118,6 +118,9 @@ class ConnectorConfig(BaseModel):
     kv_host: Annotated[str, Field(max_length=200)] = "127.0.0.1"
     #: D: how long blocks stay armed for a push before the request falls back to kv_load_failure_policy.
     recv_timeout_s: Secs = 120.0
+    #: D: how often to ask the policy service whether P gave up an awaited transfer (failed push, expired
+    #: lease, dropped job); a receive P gave up fails then instead of at recv_timeout_s. 0 = never ask.
+    abort_poll_s: Annotated[float, Field(ge=0.0, le=60.0, allow_inf_nan=False)] = 1.0
     #: P: how long P holds a finished prefill's blocks waiting for D's announce.
     announce_timeout_s: Secs = 60.0
     #: P: how long P keeps asking for a lease (LeaseDenied -> retry after `retry_after`).

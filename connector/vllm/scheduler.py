@@ -49,6 +49,7 @@ class RecvJob:
     armed_ranks: int = 0
     reports: list[RankReport] = field(default_factory=list)
     finished: bool = False  # vLLM already called request_finished
+    aborted: bool = False  # P gave it up (policy service said so); its receive is being cancelled
 
 
 @dataclass
@@ -111,6 +112,8 @@ class SchedulerSide:
         self._to_drop: list[str] = []
         self._stats = KVLaneStats()
         self._pool.submit(self._register_engine)
+        if cfg.role == "decode" and cfg.abort_poll_s > 0:
+            threading.Thread(target=self._watch_aborts, name="kvlane-aborts", daemon=True).start()
 
     # ---------------------------------------------------------------------------------------- helpers
     def _params(self, request: Any, want_role: str) -> KVLaneParams | None:
@@ -227,6 +230,36 @@ class SchedulerSide:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    def _watch_aborts(self) -> None:
+        """Every `abort_poll_s`, ask the policy service which awaited transfers P gave up (a failed push, an
+        expired lease of a dead P, a job P dropped) and cancel their receives: vLLM then applies
+        kv_load_failure_policy at once instead of at recv_timeout_s (docs/reliability.md)."""
+        from kvlane.integration.policy_service.protocol import MAX_STATUS_IDS
+
+        while not self._closed.wait(self.cfg.abort_poll_s):
+            with self._lock:
+                waiting = {j.params.transfer_id: j for j in self._recv.values()
+                           if j.state >= TransferState.ANNOUNCED and j.state != TransferState.DONE
+                           and not (j.aborted or j.finished)}
+            if not waiting:
+                continue
+            try:
+                aborted = self.client.transfer_status(list(waiting)[:MAX_STATUS_IDS])
+            except Exception as exc:  # the service may be restarting: the receive deadline still holds
+                logger.debug("kvlane D: transfer_status failed (%s)", exc)
+                continue
+            for tid, why in aborted.items():
+                job = waiting.get(tid)
+                if job is None:
+                    continue
+                with self._lock:
+                    if job.state in (TransferState.DONE, TransferState.FAILED) or job.aborted or job.finished:
+                        continue
+                    job.aborted = True
+                    self._to_cancel.append((job.req_id, why))
+                logger.warning("kvlane D %s: transfer %s (request %s) will not come: %s", self.engine_id, tid,
+                               job.req_id, why)
+
     # ----------------------------------------------------------------------------------- prefill side
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
@@ -279,6 +312,14 @@ class SchedulerSide:
             job.outcome_done = True
             job.released_to_workers = True
             self._to_drop.append(job.req_id)
+        if failure and not self._closed.is_set():  # the D waiting for this KV stops waiting (it polls for aborts)
+            self._pool.submit(self._abort, job.params.transfer_id, reason)
+
+    def _abort(self, tid: str, reason: str) -> None:
+        try:
+            self.client.abort_transfer(tid, reason)
+        except Exception as exc:
+            logger.warning("kvlane P: abort_transfer %s failed (%s); D waits for its receive deadline", tid, exc)
 
     def _prepare_push(self, job: SendJob) -> None:
         """Background: announce -> rank descriptors -> lease -> push order. Every wait has a deadline."""

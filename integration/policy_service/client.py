@@ -132,6 +132,16 @@ class PolicyApi:
         )
         return _reply(P.AwaitAnnounceReply, body).payload
 
+    async def abort_transfer(self, transfer_id: str, reason: str, timeout: float | None = None) -> None:
+        """Prefill side: tell the decode engine waiting for `transfer_id` that its KV will not come."""
+        await self._call("abort_transfer", _body(P.AbortTransferBody, transfer_id=transfer_id, reason=reason[:500]),
+                         timeout)
+
+    async def transfer_status(self, transfer_ids: list[str], timeout: float | None = None) -> dict[str, str]:
+        """Decode side: transfer_id -> why it ended without its KV, for those of `transfer_ids` that did."""
+        body = _body(P.TransferStatusBody, transfer_ids=list(transfer_ids))
+        return _reply(P.TransferStatusReply, await self._call("transfer_status", body, timeout)).aborted
+
     async def register_rank(
         self, engine_id: str, rank: int, descriptor: bytes, timeout: float | None = None
     ) -> None:
@@ -632,6 +642,12 @@ class SyncPolicyClient:
     def await_announce(self, transfer_id: str, timeout_s: float, timeout: float | None = None) -> dict[str, Any]:
         limit = timeout if timeout is not None else timeout_s + self.timeout
         return self._do(lambda c: c.await_announce(transfer_id, timeout_s, limit), limit)
+
+    def abort_transfer(self, transfer_id: str, reason: str, timeout: float | None = None) -> None:
+        return self._do(lambda c: c.abort_transfer(transfer_id, reason, timeout), timeout)
+
+    def transfer_status(self, transfer_ids: list[str], timeout: float | None = None) -> dict[str, str]:
+        return self._do(lambda c: c.transfer_status(transfer_ids, timeout), timeout)
 
     def register_rank(self, engine_id: str, rank: int, descriptor: bytes, timeout: float | None = None) -> None:
         return self._do(lambda c: c.register_rank(engine_id, rank, descriptor, timeout), timeout)

@@ -44,6 +44,8 @@ MAX_PAYLOAD_DEPTH = 32
 MAX_AWAIT_SECONDS = 600.0
 #: TP ranks per engine (EngineInfo.gpus allows at most 64).
 MAX_RANKS = 64
+#: Transfer ids one transfer_status call may ask about.
+MAX_STATUS_IDS = 1024
 NONCE_BYTES = 16
 MAC_BYTES = 32
 _MAC_DOMAIN = b"kvlane-policy-v1"
@@ -347,6 +349,17 @@ class AwaitAnnounceBody(WireModel):
     timeout_s: Annotated[float, Field(ge=0.0, le=MAX_AWAIT_SECONDS, allow_inf_nan=False)]
 
 
+class AbortTransferBody(WireModel):
+    """P gave a transfer up (push failed, announce mismatch, lease never granted): D stops waiting for it."""
+
+    transfer_id: Name
+    reason: Annotated[StrictStr, Field(max_length=500)]
+
+
+class TransferStatusBody(WireModel):
+    transfer_ids: Annotated[list[Name], Field(max_length=MAX_STATUS_IDS)]
+
+
 class RegisterRankBody(BinModel):
     engine_id: Name
     rank: Annotated[StrictInt, Field(ge=0, lt=MAX_RANKS)]
@@ -394,6 +407,11 @@ class AwaitAnnounceReply(BinModel):
     payload: dict[StrictStr, Any]
 
 
+class TransferStatusReply(WireModel):
+    #: transfer_id -> why it ended without its KV, for each id asked about that did (others are not listed).
+    aborted: dict[Name, Annotated[StrictStr, Field(max_length=600)]]
+
+
 class RankEntry(BinModel):
     rank: Annotated[StrictInt, Field(ge=0, lt=MAX_RANKS)]
     descriptor: StrictBytes
@@ -423,6 +441,8 @@ OPS: dict[str, OpSpec] = {
     "snapshot": OpSpec(SnapshotBody, True),
     "announce": OpSpec(AnnounceBody, True),
     "await_announce": OpSpec(AwaitAnnounceBody, True),
+    "abort_transfer": OpSpec(AbortTransferBody, True),  # the first reason stays
+    "transfer_status": OpSpec(TransferStatusBody, True),
     "register_rank": OpSpec(RegisterRankBody, True),
     "get_ranks": OpSpec(EngineRef, True),
 }

@@ -111,6 +111,36 @@ class AnnounceBoard:
 
 
 @dataclass
+class AbortBoard:
+    """transfer_id -> why the transfer ended without its KV (P gave it up, or its lease expired), kept `ttl`
+    seconds so the decode engine waiting for that KV learns it on its next `transfer_status` poll instead of
+    at its receive deadline. The first reason posted stays; the oldest entry leaves when the board is full."""
+
+    ttl: float = 120.0
+    max_entries: int = 10_000
+    _entries: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def post(self, transfer_id: str, reason: str, now: float) -> None:
+        old = self._entries.get(transfer_id)
+        if old is not None and old[1] > now:
+            return
+        self._entries.pop(transfer_id, None)
+        while len(self._entries) >= self.max_entries:
+            del self._entries[next(iter(self._entries))]  # dicts keep insertion order: the oldest goes
+        self._entries[transfer_id] = (reason, now + self.ttl)
+
+    def aborted(self, transfer_ids: list[str], now: float) -> dict[str, str]:
+        return {t: e[0] for t in transfer_ids if (e := self._entries.get(t)) is not None and e[1] > now}
+
+    def expire(self, now: float) -> None:
+        for tid in [t for t, e in self._entries.items() if e[1] <= now]:
+            del self._entries[tid]
+
+
+@dataclass
 class RankStore:
     """engine_id -> {rank: opaque transport descriptor}. Bounded in engines; ranks < MAX_RANKS."""
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import BaseModel
 
 from . import protocol as P
-from .rendezvous import AnnounceBoard, RankStore
+from .rendezvous import AbortBoard, AnnounceBoard, RankStore
 
 log = logging.getLogger("kvlane.policy_service")
 
@@ -90,6 +90,10 @@ class PolicyService:
         self.sweep_interval = sweep_interval
         self.board = AnnounceBoard(ttl=announce_ttl)
         self.ranks = RankStore()
+        #: Transfers that ended without their KV, for the decode engines waiting on them (transfer_status).
+        self.aborts = AbortBoard(ttl=announce_ttl)
+        #: lease id -> transfer id of every live lease (an expired lease aborts its transfer).
+        self._lease_transfer: dict[str, str] = {}
         self.metrics = metrics or ServiceMetrics()
         self._sweeper: asyncio.Task[None] | None = None
         #: Fault injection (chaos tests only; None or an empty plan injects nothing).
@@ -110,6 +114,8 @@ class PolicyService:
             "announce": self._announce,
             "register_rank": self._register_rank,
             "get_ranks": self._get_ranks,
+            "abort_transfer": self._abort_transfer,
+            "transfer_status": self._transfer_status,
         }
         assert set(self._handlers) | {"await_announce"} == set(P.OPS)
 
@@ -186,6 +192,7 @@ class PolicyService:
             self.metrics.decision_seconds.labels(op="acquire_lease").observe(time.perf_counter() - t0)
         if isinstance(result, LeaseGrant):
             self.metrics.leases_granted.labels(klass=result.klass).inc()
+            self._lease_transfer[result.lease_id] = result.transfer_id
             if self.faults is not None and self.faults.should("expire_lease", result.lease_id):
                 self._doomed.setdefault(result.lease_id, now + self.faults.expire_lease.after_s)
             return P.LeaseReply(grant=result).to_wire()
@@ -197,6 +204,10 @@ class PolicyService:
     def _release_lease(self, msg: P.ReleaseLeaseBody, now: float) -> dict[str, Any]:
         released = bool(self.policy.release_lease(msg.lease_id, msg.outcome, now))
         self._doomed.pop(msg.lease_id, None)
+        tid = self._lease_transfer.pop(msg.lease_id, None)
+        if tid is not None and msg.outcome is not None and not msg.outcome.ok:
+            self.aborts.post(tid, f"prefill reported the transfer failed: {msg.outcome.error or 'no reason given'}"[:600],
+                             now)
         if released:
             self.metrics.leases_released.inc()
         return P.ReleasedReply(released=released).to_wire()
@@ -218,6 +229,13 @@ class PolicyService:
     async def _await_announce(self, msg: P.AwaitAnnounceBody) -> dict[str, Any]:
         payload = await self.board.wait(msg.transfer_id, msg.timeout_s, self.clock())
         return P.AwaitAnnounceReply(payload=payload).to_wire()
+
+    def _abort_transfer(self, msg: P.AbortTransferBody, now: float) -> dict[str, Any]:
+        self.aborts.post(msg.transfer_id, f"prefill gave the transfer up: {msg.reason}", now)
+        return {}
+
+    def _transfer_status(self, msg: P.TransferStatusBody, now: float) -> dict[str, Any]:
+        return P.TransferStatusReply(aborted=self.aborts.aborted(msg.transfer_ids, now)).to_wire()
 
     def _register_rank(self, msg: P.RegisterRankBody, now: float) -> dict[str, Any]:
         self.ranks.put(msg.engine_id, msg.rank, msg.descriptor)
@@ -242,10 +260,15 @@ class PolicyService:
                     expired.append(lease_id)
         for lease_id in expired:
             self._doomed.pop(lease_id, None)
+            tid = self._lease_transfer.pop(lease_id, None)
+            if tid is not None:
+                self.aborts.post(tid, f"lease {lease_id} expired before the prefill engine released it "
+                                      "(prefill engine gone or stuck)", now)
         if expired:
             self.metrics.leases_expired.inc(len(expired))
             log.info("expired %d lease(s): %s", len(expired), ", ".join(expired[:10]))
         self.board.expire(now)
+        self.aborts.expire(now)
         self.metrics.announces.set(len(self.board))
         return expired
 

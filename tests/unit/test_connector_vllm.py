@@ -415,6 +415,50 @@ def test_prefill_refuses_an_announce_for_other_tokens(policy_client):
     p.shutdown()
 
 
+def test_decode_cancels_at_once_a_receive_whose_push_failed(policy_client):
+    """P's push fails (here: a handshake timeout) -> P releases the lease with ok=false -> D's next poll of the
+    policy service cancels the receive, long before recv_timeout_s (120 s here)."""
+    d = _side("decode", policy_client, abort_poll_s=0.05)
+    p = _side("prefill", policy_client)
+    dreq, preq = _request("decode", 100, tid="t-5"), _request("prefill", 100, tid="t-5")
+    d.get_num_new_matched_tokens(dreq, 0)
+    d.update_state_after_alloc(dreq, SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13],)), 100)
+    assert d.build_connector_meta().arm
+    d.update_connector_output(_out(KVLaneWorkerMeta(armed={dreq.request_id: 1})))
+    policy_client.register_rank("d0", 0, b"rank-0 descriptor")
+    p.request_finished(preq, [1, 2, 3, 4])
+    metas: list[KVLaneMetadata] = []
+    _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
+    time.sleep(0.2)
+    assert all(not m.cancel for m in [d.build_connector_meta()])  # pushing: D keeps waiting
+    failed = RankReport(0, False, 0, 10.0, "shm", "HandshakeTimeout: handshake with d0/rank0 timed out")
+    p.update_connector_output(_out(KVLaneWorkerMeta(pushed={preq.request_id: [failed]}), sending=[preq.request_id]))
+    cancels: list = []
+    _until(lambda: cancels.extend(d.build_connector_meta().cancel) or cancels)
+    ((rid, why),) = cancels
+    assert rid == dreq.request_id and "handshake with d0/rank0 timed out" in why
+    time.sleep(0.2)
+    assert d.build_connector_meta().cancel == []  # cancelled once
+    p.shutdown()
+    d.shutdown()
+
+
+def test_decode_cancels_a_receive_prefill_dropped(policy_client):
+    d = _side("decode", policy_client, abort_poll_s=0.05)
+    p = _side("prefill", policy_client)
+    dreq, preq = _request("decode", 100, tid="t-6"), _request("prefill", 64, tid="t-6")  # P holds other tokens
+    d.get_num_new_matched_tokens(dreq, 0)
+    d.update_state_after_alloc(dreq, SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13],)), 100)
+    d.build_connector_meta()
+    d.update_connector_output(_out(KVLaneWorkerMeta(armed={dreq.request_id: 1})))
+    p.request_finished(preq, [1, 2])
+    cancels: list = []
+    _until(lambda: cancels.extend(d.build_connector_meta().cancel) or cancels)
+    assert cancels[0][0] == dreq.request_id and "announce_mismatch" in cancels[0][1]
+    p.shutdown()
+    d.shutdown()
+
+
 def test_prometheus_series_from_stats():
     from kvlane.connector.vllm import KVLaneConnector
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram

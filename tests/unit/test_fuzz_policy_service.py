@@ -95,6 +95,8 @@ def _valid_bodies() -> dict[str, dict[str, Any]]:
         "await_announce": {"transfer_id": "t-never", "timeout_s": 0.0},
         "register_rank": {"engine_id": "p0", "rank": 0, "descriptor": b"desc"},
         "get_ranks": {"engine_id": "p0"},
+        "abort_transfer": {"transfer_id": "t-fuzz", "reason": "fuzz"},
+        "transfer_status": {"transfer_ids": ["t-fuzz", "t-other"]},
     }
 
 

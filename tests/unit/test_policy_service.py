@@ -501,6 +501,36 @@ async def test_announce_expires_after_ttl(server, client, clock):
         await client.await_announce("t", timeout_s=0.05)
 
 
+async def test_decode_learns_which_transfers_ended_without_their_kv(server, client, clock):
+    for info in _engines():
+        await client.register_engine(info)
+    assert await client.transfer_status(["t-ok", "t-bad", "t-gone", "t-drop"]) == {}
+
+    async def lease(tid: str) -> LeaseGrant:
+        g = await client.acquire_lease(LeaseRequest(transfer_id=tid, prefill="p0", decode="d0", bytes=1 << 10))
+        assert isinstance(g, LeaseGrant)
+        return g
+
+    ok, bad = await lease("t-ok"), await lease("t-bad")
+    await client.release_lease(ok.lease_id, TransferOutcome(lease_id=ok.lease_id, ok=True, bytes=1 << 10, seconds=0.01))
+    await client.release_lease(bad.lease_id, TransferOutcome(lease_id=bad.lease_id, ok=False, bytes=0, seconds=10.0,
+                                                             error="PeerError: handshake timed out"))
+    await lease("t-gone")  # P dies holding it: the lease (ttl 2 s here) expires
+    await client.abort_transfer("t-drop", "announce_mismatch: 3 blocks announced, 2 held")
+    await client.abort_transfer("t-drop", "a second reason is ignored")
+    clock.now += 2.5
+    await asyncio.sleep(0.1)  # the sweep (every 20 ms) expires the lease
+    got = await client.transfer_status(["t-ok", "t-bad", "t-gone", "t-drop", "t-unknown"])
+    assert sorted(got) == ["t-bad", "t-drop", "t-gone"]
+    assert "handshake timed out" in got["t-bad"] and "expired" in got["t-gone"]
+    assert got["t-drop"] == "prefill gave the transfer up: announce_mismatch: 3 blocks announced, 2 held"
+    clock.now += 5.0  # the board's ttl (announce_ttl, 5 s here)
+    await asyncio.sleep(0.1)
+    assert await client.transfer_status(["t-bad", "t-gone", "t-drop"]) == {}
+    with pytest.raises(P.BadRequest, match="transfer_ids"):
+        await client.transfer_status([f"t{i}" for i in range(P.MAX_STATUS_IDS + 1)])
+
+
 # ---------------------------------------------------------------------------------------------- clients
 
 
