@@ -55,7 +55,7 @@ SPECIAL_IDS = 4  # <unk> <s> </s> <pad> are ids 0..3 in the tiny tokenizer
 P_CORE, D_CORE = 0, 1
 
 PUSH_LINE = re.compile(r"kvlane P \S+: transfer (\S+) \(request \S+\) to \S+ (ok|FAILED): pushed (\d+) bytes "
-                       r"\((\d+) blocks\) in ([0-9.]+)s")
+                       r"\((\d+) blocks\) in ([0-9.]+)s, lease wait [0-9.]+s, path [^ ]+(?: \(rank \d+: ([^)]*)\))?")
 METRIC_LINE = re.compile(r"^(vllm:nixl_(?:xfer_time_seconds|bytes_transferred)_(?:sum|count))(?:\{[^}]*\})?\s+(\S+)$",
                          re.M)
 
@@ -68,6 +68,7 @@ class Sample:
     xfer_s: float | None = None
     xfer_bytes: int | None = None
     p_hop_s: float | None = None  # NIXL only: the proxy's P request (prefill, max_tokens=1) until P answered
+    steps: str = ""  # kvlane only: the push's steps from P's log line ("arm 1.2 ms, send 3.4 ms, confirm 0.9 ms")
 
 
 @dataclass
@@ -165,13 +166,13 @@ def kvlane_cfg(role: str, engine_id: str, policy: str, port: int, gpu: str) -> d
 NIXL_CFG = {"kv_connector": "NixlConnector", "kv_role": "kv_both"}
 
 
-def wait_push_line(log: Path, transfer_id: str, timeout: float = 10.0) -> tuple[float, int] | None:
-    """kvlane P's own per-transfer log line for `transfer_id`: (seconds, bytes), None if failed/absent."""
+def wait_push_line(log: Path, transfer_id: str, timeout: float = 10.0) -> tuple[float, int, str] | None:
+    """kvlane P's own per-transfer log line for `transfer_id`: (seconds, bytes, steps), None if failed/absent."""
     deadline = time.monotonic() + timeout
     while True:
         for m in PUSH_LINE.finditer(log.read_text(errors="replace")):
             if m.group(1) == transfer_id:
-                return (float(m.group(5)), int(m.group(3))) if m.group(2) == "ok" else None
+                return (float(m.group(5)), int(m.group(3)), m.group(6) or "") if m.group(2) == "ok" else None
         if time.monotonic() > deadline:
             return None
         time.sleep(0.2)
@@ -207,6 +208,8 @@ def _fmt(s: Sample) -> str:
     x = f", xfer {s.xfer_s * 1e3:.1f} ms / {s.xfer_bytes} B" if s.xfer_s is not None else ""
     if s.p_hop_s is not None:
         x += f", P hop {s.p_hop_s * 1e3:.0f} ms"
+    if s.steps:
+        x += f" ({s.steps})"
     return f"{s.ttft * 1e3:.0f} ms{x}"
 
 
@@ -235,7 +238,7 @@ def run_kvlane(model: Path, prompts: dict[int, list[list[int]]], args: argparse.
                 s.ttft, s.tokens, hdrs = stream_completion(r_url, body_for(prompt, args.max_tokens), args.timeout)
                 got = wait_push_line(p.log_file, hdrs.get("x-kvlane-transfer-id", "?"))
                 if got is not None:
-                    s.xfer_s, s.xfer_bytes = got
+                    s.xfer_s, s.xfer_bytes, s.steps = got
             return _attempt(go)
 
         _measure(prompts, args, res, {"single": single, "kvlane": pd}, say)

@@ -515,6 +515,13 @@ class KVTransport:
         self._waiters[tid] = q
         link = peer.links[path]
         stage = ["offer"]
+        phases: list[tuple[str, float]] = []
+        mark = [t0]
+
+        def done(phase: str) -> None:
+            now = time.perf_counter()
+            phases.append((phase, now - mark[0]))
+            mark[0] = now
 
         async def steps() -> None:
             nonlocal link
@@ -526,6 +533,7 @@ class KVTransport:
                         peer.links[path] = await self._open(path, peer.descriptor)
                 link = peer.links[path]
                 stage[0] = "offer"
+                done("handshake")
             tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
             offer = Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
                           runs=[(r.region, r.dst_offset, r.nbytes) for r in runs])
@@ -544,6 +552,7 @@ class KVTransport:
                 raise PeerError(f"receiver refused: {reply.error}")
             if not isinstance(reply, Ready):
                 raise PeerError(f"unexpected reply {reply.t!r} to an offer")
+            done("arm")
             stage[0] = "sending data"
             views = [span(self._regions[r.region], r.src_offset, r.nbytes) for r in runs]
             send = asyncio.ensure_future(link.send_runs(tid, tag_base, views))
@@ -568,6 +577,7 @@ class KVTransport:
                 if link.dead.done():
                     raise PeerError(f"link to {link.peer_key} broke: {link.dead.result()}")
                 send.result()
+                done("send")
                 stage[0] = "waiting for the receiver's confirmation"
                 reply = await _next(q, link, None)
                 while isinstance(reply, Ready):  # late answers to repeated copies of our offer
@@ -576,10 +586,11 @@ class KVTransport:
                 raise PeerError(f"receiver failed: {reply.error}")
             if not isinstance(reply, Done) or reply.nbytes != nbytes:
                 raise PeerError(f"bad confirmation {reply!r}, expected {nbytes} bytes")
+            done("confirm")
 
         try:
             await asyncio.wait_for(steps(), deadline_s)
-            _resolve(fut, TransferResult(tid, True, nbytes, _elapsed(t0), path))
+            _resolve(fut, TransferResult(tid, True, nbytes, _elapsed(t0), path, phases=tuple(phases)))
         except TimeoutError:
             _resolve(fut, TransferResult(tid, False, 0, _elapsed(t0), path,
                                          f"deadline of {deadline_s}s expired while {stage[0]} (peer {link.peer_key})"))

@@ -53,6 +53,9 @@ class TransferResult:
     seconds: float
     path: str
     error: str | None = None
+    #: Sender: seconds spent in each step that ran, in order ("handshake" only when a broken link was reopened,
+    #: "arm": offer until the receiver's READY, "send": the data, "confirm": until the receiver's DONE).
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 def coalesce(copies: list[BlockCopy]) -> list[BlockCopy]:

@@ -73,6 +73,7 @@ class PushResult:
     seconds: float
     error: str | None = None
     path: str | None = None  # the transport path that carried it (the lease's unless the peer lacks it)
+    phases: tuple[tuple[str, float], ...] = ()  # the transport's per-step seconds (TransferResult.phases)
 
 
 @dataclass

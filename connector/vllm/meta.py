@@ -56,6 +56,8 @@ class RankReport:
     seconds: float
     path: str = ""
     error: str | None = None
+    #: P: the push's steps and their seconds (kvlane.transport.TransferResult.phases), for the transfer log line.
+    phases: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

@@ -541,10 +541,13 @@ class SchedulerSide:
                     self._stats.count("failures", "push_failed")
                 for r in job.reports:
                     self._stats.count("paths", r.path or "default")
+            slowest = max(job.reports, key=lambda r: r.seconds)
+            steps = ", ".join(f"{name} {1000 * sec:.1f} ms" for name, sec in slowest.phases)
             logger.info("kvlane P %s: transfer %s (request %s) to %s %s: pushed %d bytes (%d blocks) in %.4fs, "
-                        "lease wait %.3fs, path %s%s", self.engine_id, job.params.transfer_id, rid,
+                        "lease wait %.3fs, path %s%s%s", self.engine_id, job.params.transfer_id, rid,
                         job.params.decode, "ok" if ok else "FAILED", got, job.n_blocks, secs, job.lease_wait,
                         ",".join(r.path for r in sorted(job.reports, key=lambda r: r.rank)),
+                        f" (rank {slowest.rank}: {steps})" if steps else "",
                         "" if ok else " — " + "; ".join(str(r.error) for r in job.reports if r.error))
             if job.lease is not None:
                 self._pool.submit(self._release, job)

@@ -196,7 +196,7 @@ class TransportPath:
             r = self.t.push(peer, tid, use, copies, remaining).result(remaining + 10.0)
             if not r.ok:
                 self._peers.pop((key, use), None)
-            return PushResult(r.ok, r.bytes, r.seconds, r.error, use)
+            return PushResult(r.ok, r.bytes, r.seconds, r.error, use, r.phases)
         except Exception as exc:
             self._peers.pop((key, use), None)
             return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}", use)
@@ -213,9 +213,10 @@ class TransportPath:
             for r in self.routes if r.p_rank == self.rank
         ]
         errors = "; ".join(r.error for r in results if r.error) or None
+        slowest = max(results, key=lambda r: r.seconds, default=None)
         return PushResult(all(r.ok for r in results), sum(r.bytes for r in results),
-                          max((r.seconds for r in results), default=0.0), errors,
-                          results[0].path if results else None)
+                          slowest.seconds if slowest else 0.0, errors, results[0].path if results else None,
+                          slowest.phases if slowest else ())
 
     def close(self) -> None:
         self.t.close()
@@ -373,7 +374,7 @@ class WorkerSide:
                 res = fut.result()
                 self._finished_send.add(req_id)
                 self._report.pushed.setdefault(req_id, []).append(
-                    RankReport(self.rank, res.ok, res.bytes, res.seconds, res.path or path, res.error))
+                    RankReport(self.rank, res.ok, res.bytes, res.seconds, res.path or path, res.error, res.phases))
         sending, self._finished_send = self._finished_send, set()
         recving, self._finished_recv = self._finished_recv, set()
         return sending, recving

@@ -89,6 +89,8 @@ def test_push_lands_exact_bytes_and_leaves_other_blocks(pair: Any) -> None:
     res = p.push(handle, "req-1", PATH[backend], copies, deadline_s=10.0).result(15)
     assert res.ok, res.error
     assert res.bytes == 6 * 256 and res.path == PATH[backend]
+    assert [name for name, _ in res.phases] == ["arm", "send", "confirm"]  # the push's steps, for its log line
+    assert abs(sum(sec for _, sec in res.phases) - res.seconds) < 0.01
     rec = d.call(op="result", tid="req-1")
     assert rec["ok"] and rec["bytes"] == 6 * 256, rec
     got = child_regions(d)
