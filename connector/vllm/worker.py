@@ -201,6 +201,11 @@ class TransportPath:
             self._peers.pop((key, use), None)
             return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}", use)
 
+    def missing_peers(self, p: PushOrder) -> list[int]:
+        """The D ranks this rank pushes to (rank i, or its head routes' D ranks) without a descriptor in `p`."""
+        targets = [r.d_rank for r in self.routes if r.p_rank == self.rank] if self.routes else [self.rank]
+        return [d for d in targets if d >= len(p.peers)]
+
     def push(self, p: PushOrder, path: str) -> PushResult:
         from kvlane.transport.ranks import route_transfer_id
 
@@ -326,8 +331,10 @@ class WorkerSide:
     def _start_push(self, p: PushOrder, now: float) -> None:
         path = p.paths[self.rank] if self.rank < len(p.paths) else "default"
         failed = None
-        if self.path is None or self.rank >= len(p.peers):
-            failed = f"no peer descriptor for rank {self.rank}"
+        if self.path is None:
+            failed = "no transport: this worker registered no KV caches"
+        elif missing := self.path.missing_peers(p):
+            failed = f"no peer descriptor for D rank(s) {missing} (D announced {len(p.peers)})"
         elif self._faults is not None and self._faults.should("fail_transfer", p.transfer_id):
             failed = "fault injection: fail_transfer (nothing pushed)"
         if failed is not None:

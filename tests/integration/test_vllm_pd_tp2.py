@@ -34,10 +34,7 @@ def tp2():
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores="0|1", tp=2,
                 served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0,
-                                        # UCX handshakes on UCX's tcp path between TP=2 workers still time out
-                                        # at times (docs/connector.md "Limits"): kvlane's tcp backend here.
-                                        "transport": "tcp"},
+                extra_connector_config={"gpus": gpus, "recv_timeout_s": 180.0, "announce_timeout_s": 30.0},
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
         for e in engines.values():

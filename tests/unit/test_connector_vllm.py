@@ -512,3 +512,39 @@ def test_transport_path_heterogeneous_tp_moves_head_slices():
         p.close()
         for d in ds:
             d.close()
+
+
+def test_transport_path_p_tp2_to_d_tp1_fills_each_head_slice():
+    """P at TP=2 (1 KV head per rank) -> D at TP=1 (2 heads): P rank r fills head r of D's blocks. Each P rank
+    pushes to D rank 0 (one descriptor), which the old rank-i check refused for P rank 1."""
+    from kvlane.connector.vllm.meta import PushOrder
+
+    g = torch.Generator().manual_seed(6)
+    p_bufs = [torch.randn((2, NUM_BLOCKS, 1, BS, HD2), generator=g) for _ in range(2)]
+    src = [{f"model.layers.{i}.self_attn": b[i] for i in range(2)} for b in p_bufs]
+    dst = _cache(7)
+    before = {k: v.clone() for k, v in dst.items()}
+    d, _ = _path("decode", dst, peer_tp=2)
+    ps = []
+    try:
+        ps = [_path("prefill", src[r], rank=r, tp=2, peer_tp=1)[0] for r in range(2)]
+        d.arm("hy", [5, 6], time.monotonic() + 20)
+        order = _order("hy", [1, 8], [5, 6], [d.descriptor()])
+        assert [p.missing_peers(order) for p in ps] == [[], []]
+        assert ps[1].missing_peers(PushOrder("r", "t", [1], [5], order.deadline, ["tcp"], [])) == [0]
+        for p in ps:
+            res = p.push(order, "tcp")
+            assert res.ok, res.error
+        got = []
+        _until(lambda: got.extend(d.poll()) or got)
+        assert got[0].ok and got[0].bytes == 2 * 2 * 2 * BS * HD2 * 4  # both P ranks' slices, 2 blocks x 2 layers
+        for name in dst:
+            for r in range(2):
+                assert torch.equal(dst[name][5][r], src[r][name][1][0])
+                assert torch.equal(dst[name][6][r], src[r][name][8][0])
+            others = [b for b in range(NUM_BLOCKS) if b not in (5, 6)]
+            assert torch.equal(dst[name][others], before[name][others])
+    finally:
+        d.close()
+        for p in ps:
+            p.close()
