@@ -1,8 +1,7 @@
-"""Real vLLM (CPU) with heterogeneous TP: P at TP=1 pushes to D at TP=2 over `kvlane.transport` (tcp backend), each
-D rank receiving its own KV head slice of every block (`transport.ranks.head_routes`); D's answer is
-token-exact against P itself and the received bytes add up to the whole blocks.
-Over UCX this passed once and failed once (2026-11-22: P's UCX handshake with D rank 1 on UCX's tcp path timed
-out at 10 s under load), so CI runs it on kvlane's tcp backend; docs/connector.md "Limits".
+"""Real vLLM (CPU) with heterogeneous TP, both ways, over `kvlane.transport` (the default backend, UCX):
+P TP=1 -> D TP=2 (each D rank receives its own KV-head slice of every block) and P TP=2 -> D TP=1 (each P rank
+pushes its heads into the matching slice of D's blocks), routes by `transport.ranks.head_routes`. D's answer
+is token-exact against P itself and the received bytes add up to the whole blocks.
 """
 
 from __future__ import annotations
@@ -18,13 +17,17 @@ from kvlane.integration.launch import free_port, start_policy_service, start_vll
 from kvlane.integration.tiny_model import build_tiny_llama, default_cache_dir  # noqa: E402
 from test_vllm_pd import BLOCK, MODEL, Deployment, _block_bytes, _prompt, _tokens  # noqa: E402
 
-# `vllm_tp`: D with TP=2 currently stalls on this 2-core machine (P's first step does not finish: vLLM's
-# shm broadcast waits 60 s+); kept out of scripts/test.sh until fixed — run with `pytest -m vllm_tp`.
+# `vllm_tp`: three worker processes on 2 cores (docs/connector.md, "Idle steps" and "Transport threads").
 pytestmark = [pytest.mark.vllm, pytest.mark.vllm_tp]
 
 
-@pytest.fixture(scope="module")
-def hetero():
+def _cores(tp: int, core: int) -> str | list[int]:
+    return "0|1" if tp == 2 else [core]
+
+
+@pytest.fixture(scope="module", params=[(1, 2), (2, 1)], ids=["p_tp1-d_tp2", "p_tp2-d_tp1"])
+def hetero(request):
+    p_tp, d_tp = request.param
     logs = Path(tempfile.mkdtemp(prefix="kvlane-vllm-hetero-"))
     model = build_tiny_llama(default_cache_dir() / "tiny-llama-test")
     knobs = logs / "policy.yaml"
@@ -33,12 +36,14 @@ def hetero():
                                extra_args=["--config", str(knobs)])
     engines = {}
     try:
-        for name, role, cores, tp, gpus, peer_tp in (("p0", "prefill", [0], 1, ["n0.g0"], 2),
-                                                     ("d0", "decode", "0|1", 2, ["n0.g1", "n0.g2"], 1)):
+        gpus_p = [f"n0.g{i}" for i in range(p_tp)]
+        gpus_d = [f"n0.g{p_tp + i}" for i in range(d_tp)]
+        for name, role, cores, tp, gpus, peer_tp in (("p0", "prefill", _cores(p_tp, 0), p_tp, gpus_p, d_tp),
+                                                     ("d0", "decode", _cores(d_tp, 1), d_tp, gpus_d, p_tp)):
             engines[name] = start_vllm_engine(
                 model, free_port(), role=role, engine_id=name, policy_addr=pol.addr, cpu_cores=cores, tp=tp,
                 served_model_name=MODEL, block_size=BLOCK, max_model_len=4096,
-                extra_connector_config={"gpus": gpus, "transport": "tcp", "peer_tp": peer_tp,
+                extra_connector_config={"gpus": gpus, "peer_tp": peer_tp,
                                         "recv_timeout_s": 180.0, "announce_timeout_s": 30.0},
                 log_file=logs / f"{name}.log", tmpdir=logs / f"tmp-{name}",
             )
@@ -51,7 +56,7 @@ def hetero():
         pol.stop()
 
 
-def test_tp1_to_tp2_is_token_exact(hetero):
+def test_heterogeneous_tp_is_token_exact(hetero):
     bb = _block_bytes(hetero.model)
     for seed, words in ((41, 12), (42, 100)):
         prompt = _prompt(words, seed=seed)
