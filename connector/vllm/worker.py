@@ -193,12 +193,12 @@ class TransportPath:
         try:
             peer = self._peer(key, use, deadline)
             remaining = max(0.05, deadline - time.monotonic())
+            # A failed push keeps the peer: the transport reopens a link that broke on the next push, and a
+            # fresh handshake here would make D replace (close) the link other pushes are still using — one
+            # failure then failed every transfer in flight to that D (load test, session 3).
             r = self.t.push(peer, tid, use, copies, remaining).result(remaining + 10.0)
-            if not r.ok:
-                self._peers.pop((key, use), None)
             return PushResult(r.ok, r.bytes, r.seconds, r.error, use, r.phases)
         except Exception as exc:
-            self._peers.pop((key, use), None)
             return PushResult(False, 0, time.monotonic() - t0, f"{exc.__class__.__name__}: {exc}", use)
 
     def missing_peers(self, p: PushOrder) -> list[int]:
