@@ -45,6 +45,18 @@ from ucxx._lib_async.continuous_ucx_progress import BlockingMode, ThreadMode  # 
 from ucxx.types import Tag  # noqa: E402
 
 log = logging.getLogger("kvlane.transport.ucx")
+#: KVLANE_UCX_TRACE=1: one stderr line per control message, endpoint creation and send completion, with
+#: wall-clock milliseconds and pid, so that a slow handshake inside vLLM (whose logging hides ours) can be
+#: lined up across processes and with UCX's own UCX_LOG_LEVEL=debug log (docs/transport.md, "TCP path
+#: handshakes").
+_trace = logging.getLogger("kvlane.transport.ucx.trace")
+if os.environ.get("KVLANE_UCX_TRACE"):
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d kvlane-ucx-trace pid %(process)d %(message)s",
+                                            "%H:%M:%S"))
+    _trace.addHandler(_handler)
+    _trace.setLevel(logging.DEBUG)
+    _trace.propagate = False
 #: Control messages of every peer arrive on this tag ("kvlane" + 0x0001); data tags are random per transfer.
 CTRL_TAG = 0x6B766C616E650001
 _LEN = struct.Struct("<I")
@@ -75,7 +87,12 @@ class UcxLink:
 
     async def send_ctrl(self, msg: Wire) -> None:
         data = encode_control(msg)
-        await self._send(np.frombuffer(_LEN.pack(len(data)) + data, dtype=np.uint8), CTRL_TAG)
+        t0 = time.perf_counter()
+        _trace.debug("%s send %s to %s start", self.backend.path, msg.t, self.peer_key)
+        try:
+            await self._send(np.frombuffer(_LEN.pack(len(data)) + data, dtype=np.uint8), CTRL_TAG)
+        finally:
+            _trace.debug("%s send %s to %s done after %.3fs", self.backend.path, msg.t, self.peer_key, time.perf_counter() - t0)
 
     async def _send(self, view: Any, tag: int) -> None:
         if self.dead.done():
@@ -211,7 +228,11 @@ class UcxBackend:
 
     async def _endpoint(self, address: bytes) -> Any:
         addr = ucx_api.UCXAddress.create_from_buffer(address)
-        return await self.ctx.create_endpoint_from_worker_address(addr, endpoint_error_handling=True)
+        t0 = time.perf_counter()
+        try:
+            return await self.ctx.create_endpoint_from_worker_address(addr, endpoint_error_handling=True)
+        finally:
+            _trace.debug("%s %s: endpoint created in %.3fs", self.path, self.core.key, time.perf_counter() - t0)
 
     async def open(self, peer_key: str, addr: PathAddress, hello: Hello) -> UcxLink:
         if addr.ucx_address is None:
@@ -231,6 +252,7 @@ class UcxBackend:
                 if n > MAX_CONTROL_BYTES:
                     raise WireError(f"control message claims {n} bytes")
                 msg = decode_control(buf[_LEN.size: _LEN.size + n].tobytes())
+                _trace.debug("%s %s: received %s", self.path, self.core.key, msg.t)
                 await self._dispatch(msg)
             except asyncio.CancelledError:
                 return
