@@ -705,6 +705,8 @@ class KVTransport:
         self._reply(link, self._seal(Ready(tid=e.tid), path, offer))
 
         def on_landed(f: asyncio.Future[None]) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved even when the expect already ended (its link died first): no asyncio warning
             if e.state != "receiving":
                 return
             if f.cancelled() or f.exception() is not None:

