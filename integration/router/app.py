@@ -130,9 +130,10 @@ class Router:
     async def _startup(self, _app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout, sock_connect=10),
-            # Idle pooled connections are dropped after 2 s, before uvicorn (vLLM's OpenAI server) closes them at
-            # its 5 s keep-alive: reusing one the engine is closing fails the request with ServerDisconnectedError
-            # (aiohttp's default keeps them 15 s; seen as 2 of 1,000 requests failing in the load test).
+            # Idle pooled connections are dropped after 2 s, before vLLM's OpenAI server (uvicorn) closes them
+            # at its 5 s keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): reusing one the engine is closing fails the
+            # request with ServerDisconnectedError (aiohttp keeps them 15 s by default; 2 of 1,000 load-test
+            # requests failed so).
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=2.0),
         )
 

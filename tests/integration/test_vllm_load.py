@@ -45,7 +45,7 @@ CONCURRENCY = 32
 MAX_TOKENS = 4
 FAULTS = {"seed": 11, "fail_transfer": {"probability": 0.05},
           "delay_reply": {"probability": 0.05, "delay_s": 0.5}}
-RECV_TIMEOUT = 15.0  # a failed transfer costs D this wait before it recomputes
+RECV_TIMEOUT = 15.0  # D recomputes a transfer P gave up within ~abort_poll_s; this bounds the rest (no offer ever)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,10 @@ async def _run(router_url: str, p_url: str, prompts: list[str]) -> list[dict[str
         return {"i": i, "status": 200, "text": out["choices"][0]["text"], "ref": ref["choices"][0]["text"],
                 "kv": out.get("kv_transfer_params") or {}}
 
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # Idle connections go after 2 s, before vLLM's server closes them (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s): reusing
+    # one it is closing fails with ServerDisconnectedError (aiohttp keeps them 15 s by default); as in the router.
+    connector = aiohttp.TCPConnector(keepalive_timeout=2.0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         return await asyncio.gather(*(one(i, session) for i in range(len(prompts))))
 
 
