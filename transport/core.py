@@ -456,15 +456,18 @@ class KVTransport:
         mine = self.descriptor()
         nonce = auth.new_nonce() if self._secret is not None else None
         try:
-            link = await asyncio.wait_for(
-                self._backends[path].open(desc.key, desc.paths[path], Hello(descriptor=mine, nonce=nonce)),
-                self.config.connect_timeout_s)
-            reply = await _next(q, link, self.config.connect_timeout_s)
-            if isinstance(reply, Challenge):
-                reply = await self._answer(path, desc, link, q, mine, nonce, reply)
-            elif isinstance(reply, HelloOk) and self._secret is not None:
-                raise AuthError(f"peer {desc.key} accepted us on path {path!r} without authentication: it has no "
-                                "shared secret configured and we do; refusing to move KV to an unauthenticated peer")
+            # One deadline for the whole handshake (hello sent, answer, auth): with one per step a slow hello
+            # send plus a silent peer outlived connect()'s own wait and surfaced as a bare TimeoutError.
+            async with asyncio.timeout(self.config.connect_timeout_s):
+                link = await self._backends[path].open(desc.key, desc.paths[path],
+                                                       Hello(descriptor=mine, nonce=nonce))
+                reply = await _next(q, link, None)
+                if isinstance(reply, Challenge):
+                    reply = await self._answer(path, desc, link, q, mine, nonce, reply)
+                elif isinstance(reply, HelloOk) and self._secret is not None:
+                    raise AuthError(f"peer {desc.key} accepted us on path {path!r} without authentication: it has "
+                                    "no shared secret configured and we do; refusing to move KV to an "
+                                    "unauthenticated peer")
         except BaseException as exc:
             if link is not None:
                 link.close()
@@ -492,7 +495,7 @@ class KVTransport:
             raise AuthError(f"challenge on the link to {desc.key} names {challenge.key!r}")
         mac = auth.sender_mac(self._secret, challenge.nonce, nonce, mine, desc.key, path)
         await link.send_ctrl(Auth(key=self.key, nonce=challenge.nonce, mac=mac))
-        reply = await _next(q, link, self.config.connect_timeout_s)
+        reply = await _next(q, link, None)  # within _open's deadline
         if isinstance(reply, HelloOk):
             proof = auth.receiver_mac(self._secret, nonce, challenge.nonce, mine, desc.key, path)
             if not auth.check(proof, reply.mac):
@@ -681,7 +684,7 @@ class KVTransport:
                 await asyncio.wait_for(link.send_ctrl(msg), 5.0)
             except Exception as exc:
                 # a timeout only ends our wait: the backend keeps sending it (ucx: the buffer stays alive)
-                log.info("kvlane transport %s: reply %s to %s not confirmed sent within 5 s: %s: %s", self.key, msg.t,
+                log.warning("kvlane transport %s: reply %s to %s not confirmed sent within 5 s: %s: %s", self.key, msg.t,
                          link.peer_key, type(exc).__name__, exc)
         asyncio.ensure_future(send())
 

@@ -326,3 +326,30 @@ def test_connect_to_a_gone_peer_fails_within_the_connect_deadline(backend: str) 
         with pytest.raises(PeerError, match="cannot reach D/rank0|timed out after 1.0s|broke"):
             p.connect(desc)
         assert time.monotonic() - t0 < 3.0
+
+
+def test_a_peer_that_never_answers_the_hello_is_a_handshake_timeout_within_connect_timeout() -> None:
+    """A listener that accepts the connection and stays silent: connect() ends with HandshakeTimeout (the
+    error the connector retries once) after connect_timeout_s for the whole handshake, not per step."""
+    import socket
+
+    from kvlane.transport import HandshakeTimeout
+    from kvlane.transport.wire import Descriptor, PathAddress
+
+    cfg = TransportConfig.model_validate(config("tcp", connect_timeout_s=1.0))
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        with KVTransport("D", 0, cfg) as d:
+            d.register_regions(make_regions(2, D_BLOCKS, BLOCK, "float16", seed=None))
+            desc = Descriptor.from_msgpack(d.descriptor())
+            port = silent.getsockname()[1]
+            paths = {name: PathAddress(host="127.0.0.1", port=port) for name in desc.paths}
+            mute = desc.model_copy(update={"paths": paths}).to_msgpack()
+        with KVTransport("P", 0, cfg) as p:
+            p.register_regions(make_regions(2, P_BLOCKS, BLOCK, "float16", seed=None))
+            t0 = time.monotonic()
+            with pytest.raises(HandshakeTimeout, match="timed out after 1.0s"):
+                p.connect(mute, paths=["tcp"])
+            assert time.monotonic() - t0 < 1.0 + 5.0  # well inside connect()'s own wait (connect_timeout_s + 5)
+    finally:
+        silent.close()
