@@ -76,6 +76,10 @@ class TransportConfig(BaseModel):
     #: twice as long, at most every 8 s) until its deadline; the receiver ignores or re-answers copies.
     #: None = offer once and wait for the deadline.
     offer_retry_s: float | None = Field(default=2.0, gt=0)
+    #: A push of several runs between host regions, at most this many bytes, travels as one message: the sender
+    #: gathers the runs into one buffer and the receiver scatters it (two memcpys instead of one tagged send per
+    #: run; docs/transport.md, "Packed transfers"). 0 = never pack.
+    pack_max_bytes: int = Field(default=64 << 20, ge=0)
     #: Tagged sends in flight per transfer (ucx backend).
     max_inflight_sends: int = Field(default=48, ge=1, le=90)
     #: Set when P and D run different TP sizes; without it rank i only talks to rank i.

@@ -17,6 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from . import auth, ranks
 from .config import TransportConfig
 from .memory import Region, as_region, span
@@ -538,8 +540,12 @@ class KVTransport:
                 stage[0] = "offer"
                 done("handshake")
             tag_base = int.from_bytes(os.urandom(8), "little") & ~((1 << 20) - 1)
+            views = [span(self._regions[r.region], r.src_offset, r.nbytes) for r in runs]
+            packed = self._packs(runs, nbytes)
+            if packed:  # one message instead of one per run; gathered while the receiver arms
+                views = [np.concatenate(views)]
             offer = Offer(tid=tid, sender=self.key, tag_base=tag_base, wait_s=deadline_s,
-                          runs=[(r.region, r.dst_offset, r.nbytes) for r in runs])
+                          runs=[(r.region, r.dst_offset, r.nbytes) for r in runs], packed=packed)
             if self._secret is not None:
                 sess = self._tx_sessions.get(link)
                 if sess is None:
@@ -557,7 +563,6 @@ class KVTransport:
                 raise PeerError(f"unexpected reply {reply.t!r} to an offer")
             done("arm")
             stage[0] = "sending data"
-            views = [span(self._regions[r.region], r.src_offset, r.nbytes) for r in runs]
             send = asyncio.ensure_future(link.send_runs(tid, tag_base, views))
             reply = None
             try:
@@ -603,6 +608,11 @@ class KVTransport:
         finally:
             self._waiters.pop(tid, None)
             self._reply_keys.pop(tid, None)
+
+    def _packs(self, runs: list[BlockCopy], nbytes: int) -> bool:
+        """Whether a push of `runs` travels packed (see Offer.packed): several runs, host memory, small enough."""
+        return (len(runs) > 1 and nbytes <= self.config.pack_max_bytes
+                and all(self._regions[r.region].is_host for r in runs))
 
     async def _offer_reply(self, q: asyncio.Queue[Wire], link: Link, offer: Offer) -> Wire:
         """The receiver's first answer to ``offer``. Silence for ``offer_retry_s`` (doubling, at most
@@ -698,7 +708,12 @@ class KVTransport:
             if got != e.spans:
                 raise ValueError(f"offered destination ranges {_short(got)} differ from the expected {_short(e.spans)}")
             views = [span(self._regions[r], off, n) for r, off, n in offer.runs]
-            landed = link.arm_recv(offer.tid, offer.tag_base, views)
+            staging = None
+            if offer.packed:
+                if not all(self._regions[r].is_host for r, _, _ in offer.runs):
+                    raise ValueError("a packed offer can only land in host memory")
+                staging = np.empty(e.nbytes, dtype=np.uint8)  # late bytes land here, never in KV blocks
+            landed = link.arm_recv(offer.tid, offer.tag_base, [staging] if staging is not None else views)
         except Exception as exc:
             msg = f"offer from {link.peer_key} does not match expect({e.tid!r}): {exc}"
             self._reply(link, self._seal(Reject(tid=e.tid, error=msg), path, offer))
@@ -719,6 +734,11 @@ class KVTransport:
                 self._reply(link, self._seal(Fail(tid=e.tid, error=msg), path, offer))
                 self._finish_expect(e, False, msg)
             else:
+                if staging is not None:  # scatter the packed message into the destination runs
+                    at = 0
+                    for v in views:
+                        np.copyto(v, staging[at: at + v.nbytes])
+                        at += v.nbytes
                 self._reply(link, self._seal(Done(tid=e.tid, nbytes=e.nbytes), path, offer))
                 self._finish_expect(e, True)
 

@@ -141,7 +141,7 @@ class HelloErr(Wire):
 
 class Offer(Wire):
     """Sender → receiver: the destination runs ``(region, dst_offset, nbytes)`` in send order; run i
-    travels with tag ``tag_base + i`` (ucx) or as data frame i (tcp)."""
+    travels with tag ``tag_base + i`` (ucx) or as data frame i (tcp), unless ``packed``."""
 
     t: Literal["offer"] = "offer"
     tid: Ident
@@ -149,6 +149,9 @@ class Offer(Wire):
     runs: list[tuple[NonNeg, NonNeg, Pos]] = Field(min_length=1, max_length=MAX_RUNS)
     tag_base: NonNeg = 0
     wait_s: float = Field(ge=0, allow_inf_nan=False)
+    #: The runs travel as ONE message (tag ``tag_base`` / data frame 0), concatenated in run order, and the
+    #: receiver scatters them (host memory only; `TransportConfig.pack_max_bytes`).
+    packed: bool = False
     #: With a shared secret: a number used once per session, and the session MAC over the rest of the offer.
     seq: NonNeg | None = None
     mac: Mac | None = None

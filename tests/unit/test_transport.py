@@ -100,6 +100,38 @@ def test_push_lands_exact_bytes_and_leaves_other_blocks(pair: Any) -> None:
         assert not got[r][untouched].any()
 
 
+def test_several_runs_travel_packed_and_land_like_separate_ones(pair: Any) -> None:
+    """Scattered blocks (no two runs adjacent) go as one gathered message (Offer.packed) and are scattered into
+    exactly the named blocks; the same push with packing off (pack_max_bytes=0 on the sender) lands the same."""
+    backend, p, src, d = pair
+    handle = p.connect(init(d, backend))
+    plan = {0: ([0, 2, 4, 6], [15, 11, 7, 3]), 1: ([1, 3], [9, 1])}
+    copies = [c for r, (s, t) in plan.items() for c in block_copies(r, s, t, SHAPE)]
+    assert len(copies) == 6
+    decisions: list[bool] = []
+    real = p._packs
+    p._packs = lambda runs, n: decisions.append(real(runs, n)) or decisions[-1]  # type: ignore[method-assign]
+    try:
+        assert d.call(op="expect", tid="pk-1", copies=rows(copies), deadline=10.0) == {"armed": True}
+        res = p.push(handle, "pk-1", PATH[backend], copies, deadline_s=10.0).result(15)
+        assert res.ok, res.error
+    finally:
+        p._packs = real  # type: ignore[method-assign]
+    assert decisions == [True] and res.bytes == 6 * 256
+    got = child_regions(d)
+    for r, (s, t) in plan.items():
+        assert same(got[r][t], src[r][s])
+        assert not got[r][[b for b in range(D_BLOCKS) if b not in t]].any()
+    unpacked = TransportConfig.model_validate(config(backend, pack_max_bytes=0))
+    with KVTransport("P", 0, unpacked) as p2:
+        p2.register_regions(src)
+        assert not p2._packs(list(copies), 6 * 256)
+        h2 = p2.connect(init(d, backend))  # fresh zeroed regions
+        assert d.call(op="expect", tid="pk-2", copies=rows(copies), deadline=10.0) == {"armed": True}
+        assert p2.push(h2, "pk-2", PATH[backend], copies, deadline_s=10.0).result(15).ok
+        assert [same(a, b) for a, b in zip(child_regions(d), got, strict=True)] == [True, True]
+
+
 def test_offer_before_expect_waits_for_the_receiver(pair: Any) -> None:
     backend, p, src, d = pair
     handle = p.connect(init(d, backend))

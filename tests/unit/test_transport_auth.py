@@ -212,8 +212,9 @@ def logged(warn: _Warnings, text: str, within: float = 5.0) -> bool:
 
 
 def offer(tid: str, nbytes: int = 256, **kw: Any) -> dict[str, Any]:
+    # every field, as the receiver re-encodes the offer to check its MAC
     return {"t": "offer", "tid": tid, "sender": "P/rank0", "runs": [[0, A_COPY.dst_offset, nbytes]], "tag_base": 0, "wait_s": 5.0,
-            **kw}
+            "packed": False, **kw}
 
 
 def data(tid: str, nbytes: int = 256) -> dict[str, Any]:
