@@ -334,7 +334,7 @@ class WorkerSide:
         if self.path is None:
             failed = "no transport: this worker registered no KV caches"
         elif missing := self.path.missing_peers(p):
-            failed = f"no peer descriptor for D rank(s) {missing} (D announced {len(p.peers)})"
+            failed = f"no peer descriptor for D rank(s) {missing} (the push order carries {len(p.peers)})"
         elif self._faults is not None and self._faults.should("fail_transfer", p.transfer_id):
             failed = "fault injection: fail_transfer (nothing pushed)"
         if failed is not None:
