@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -612,7 +613,11 @@ class KVTransport:
     def _packs(self, runs: list[BlockCopy], nbytes: int) -> bool:
         """Whether a push of `runs` travels packed (see Offer.packed): several runs, host memory, small enough."""
         return (len(runs) > 1 and nbytes <= self.config.pack_max_bytes
-                and all(self._regions[r.region].is_host for r in runs))
+                and self._all_host(r.region for r in runs))
+
+    def _all_host(self, regions: Iterable[int]) -> bool:
+        """Whether every region named is host memory: a packed message is gathered and scattered with numpy."""
+        return all(self._regions[r].is_host for r in regions)
 
     async def _offer_reply(self, q: asyncio.Queue[Wire], link: Link, offer: Offer) -> Wire:
         """The receiver's first answer to ``offer``. Silence for ``offer_retry_s`` (doubling, at most
@@ -710,7 +715,7 @@ class KVTransport:
             views = [span(self._regions[r], off, n) for r, off, n in offer.runs]
             staging = None
             if offer.packed:
-                if not all(self._regions[r].is_host for r, _, _ in offer.runs):
+                if not self._all_host(r for r, _, _ in offer.runs):
                     raise ValueError("a packed offer can only land in host memory")
                 staging = np.empty(e.nbytes, dtype=np.uint8)  # late bytes land here, never in KV blocks
             landed = link.arm_recv(offer.tid, offer.tag_base, [staging] if staging is not None else views)
