@@ -37,6 +37,10 @@ class CreditConfig(_Knobs):
     #: bytes would take at a pessimistic floor rate. A holder that never releases loses its credits then.
     lease_ttl_s: float = Field(default=10.0, gt=0.0)
     lease_ttl_floor_gbps: float = Field(default=1.0, gt=0.0)
+    #: A live holder renews its lease while its transfer is still in flight (a slow handshake, a slow
+    #: link): each renewal moves the expiry to `now + ttl` (the ttl above), never past `granted_at +
+    #: lease_max_s`, so a holder stuck in a renewal loop still loses its credits in the end.
+    lease_max_s: float = Field(default=300.0, gt=0.0)
     #: Smallest `retry_after` a denial suggests.
     min_retry_s: float = Field(default=0.05, gt=0.0)
     #: How many ended lease ids are remembered to answer a second release with False.

@@ -105,7 +105,7 @@ class Policy:
         self._lease_seq = 0
         self.counters: dict[str, int] = {
             "decisions": 0, "sticky": 0, "home_moves": 0, "no_pair": 0, "grants_reserved": 0,
-            "grants_best_effort": 0, "denials": 0, "releases": 0, "expired": 0, "dropped": 0,
+            "grants_best_effort": 0, "denials": 0, "releases": 0, "renewals": 0, "expired": 0, "dropped": 0,
         }
 
     # ---- engines -------------------------------------------------------------------------------------------
@@ -620,6 +620,15 @@ class Policy:
             if outcome is not None:
                 self._feed(lease.payload, outcome, now)
         return res == "released"
+
+    def renew_lease(self, lease_id: str, now: float) -> float | None:
+        """The holder is still moving this lease's KV: extend its expiry (`CreditLedger.renew`). Returns the new
+        `expires_at`, or None when the lease is no longer live (its credits are gone; stop the transfer)."""
+        lease = self.ledger.renew(lease_id, now)
+        if lease is None:
+            return None
+        self.counters["renewals"] += 1
+        return lease.expires_at
 
     def _feed(self, payload: tuple[LeaseGrant, list[PathInfo], list[tuple[int, int]]], outcome: TransferOutcome,
               now: float) -> None:

@@ -174,6 +174,9 @@ class CreditLedger:
                     self._retry_after((self._active[i] for i in self._link_leases.get(link, ())), now))
         return None
 
+    def _ttl(self, nbytes: int) -> float:
+        return self.config.lease_ttl_s + nbytes * 8 / (self.config.lease_ttl_floor_gbps * 1e9)
+
     def _retry_after(self, leases: Any, now: float) -> float:
         soonest = min((lease.expected_done for lease in leases), default=now)
         return max(self.config.min_retry_s, soonest - now)
@@ -198,7 +201,7 @@ class CreditLedger:
         denial = self.check(decode, nbytes, klass, rates, now)
         if denial is not None:
             return denial
-        ttl = self.config.lease_ttl_s + nbytes * 8 / (self.config.lease_ttl_floor_gbps * 1e9)
+        ttl = self._ttl(nbytes)
         lease = Lease(lease_id=lease_id, transfer_id=transfer_id, holder=holder, decode=decode, bytes=nbytes,
                       klass=klass, link_rates=rates, granted_at=now, expires_at=now + ttl,
                       expected_done=now + min(max(expected_seconds, 0.0), ttl), payload=payload)
@@ -264,13 +267,29 @@ class CreditLedger:
         self._end(lease, "released")
         return "released"
 
+    def renew(self, lease_id: str, now: float) -> Lease | None:
+        """Its holder still works on the transfer: move the expiry to `now + ttl`, capped at `granted_at +
+        lease_max_s` (never earlier than it was). Returns the lease, or None when it is not live: unknown,
+        ended, or already past its expiry (then it is ended as expired here, as `release` would)."""
+        lease = self._active.get(lease_id)
+        if lease is None:
+            return None
+        if now >= lease.expires_at:
+            self._end(lease, "expired")
+            return None
+        new = min(now + self._ttl(lease.bytes), lease.granted_at + self.config.lease_max_s)
+        if new > lease.expires_at:
+            lease.expires_at = new
+            heapq.heappush(self._expiry, (new, lease_id))  # the old entry stays behind; `expire` skips it
+        return lease
+
     def expire(self, now: float) -> list[Lease]:
         """End every lease whose expiry is at or before `now`; returns them."""
         out = []
         while self._expiry and self._expiry[0][0] <= now:
             _, lease_id = heapq.heappop(self._expiry)
             lease = self._active.get(lease_id)
-            if lease is not None:
+            if lease is not None and lease.expires_at <= now:  # not a renewed lease's stale entry
                 self._end(lease, "expired")
                 out.append(lease)
         return out

@@ -110,6 +110,7 @@ class KVLaneKVManager(BaseKVManager):
                  is_mla_backend: bool | None = False, *, config: SGLangBackendConfig | None = None,
                  client: Any = None, **_backend_specific: Any):
         from kvlane.integration.policy_service.client import SyncPolicyClient
+        from kvlane.integration.policy_service.leases import LeaseKeeper
 
         self.kv_args = args
         self.role = _mode(disaggregation_mode)
@@ -148,6 +149,8 @@ class KVLaneKVManager(BaseKVManager):
                                             layout_tag=f"sglang/{getattr(args, 'kv_cache_dtype_str', '')}/"
                                                        f"page{self.page_size}")
             self.client = client or SyncPolicyClient(self.cfg.policy, timeout=self.cfg.rpc_timeout_s)
+            # rank 0 renews the group's lease until the outcomes are in (handshakes, push, other ranks)
+            self.leases = LeaseKeeper(self.client)
         except BaseException:
             self.transport.close()
             raise
@@ -281,6 +284,7 @@ class KVLaneKVManager(BaseKVManager):
             return
         self._closed.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.leases.close()
         self.transport.close()
         closer = getattr(self.client, "close", None)
         if closer is not None:
@@ -498,6 +502,8 @@ class KVLaneKVSender(_Transfer, BaseKVSender):
                     ans = mgr.client.acquire_lease(req)
                     if isinstance(ans, LeaseGrant):
                         self._lease = ans
+                        # push (push_timeout_s) then the other ranks' outcomes (push_timeout_s more)
+                        mgr.leases.hold(ans, until=time.monotonic() + 2 * mgr.cfg.push_timeout_s + 10.0)
                         break
                     assert isinstance(ans, LeaseDenied)
                     why, wait = ans.reason, max(0.05, ans.retry_after)
@@ -582,6 +588,7 @@ class KVLaneKVSender(_Transfer, BaseKVSender):
         outcome = TransferOutcome(lease_id=self._lease.lease_id, ok=ok, bytes=sum(o.bytes for o in outcomes),
                                   seconds=max(o.seconds for o in outcomes), error="; ".join(errors)[:2000] or None,
                                   ranks=outcomes)
+        mgr.leases.drop(self._lease.lease_id)
         mgr._retry(f"release lease {self._lease.lease_id}",
                    lambda: mgr.client.release_lease(self._lease.lease_id, outcome), time.monotonic() + 3.0)
 

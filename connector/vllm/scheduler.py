@@ -83,6 +83,7 @@ class SchedulerSide:
     def __init__(self, vllm_config: Any, kv_cache_config: Any, cfg: ConnectorConfig, client: Any = None):
         """`client`: a SyncPolicyClient-like object (tests inject an embedded one); default: TCP to cfg.policy."""
         from kvlane.integration.policy_service.client import SyncPolicyClient
+        from kvlane.integration.policy_service.leases import LeaseKeeper
 
         self.cfg = cfg
         self.engine_id = cfg.engine_id
@@ -114,6 +115,8 @@ class SchedulerSide:
         self._pool.submit(self._register_engine)
         if cfg.role == "decode" and cfg.abort_poll_s > 0:
             threading.Thread(target=self._watch_aborts, name="kvlane-aborts", daemon=True).start()
+        # P: renews the lease of each push in flight (a first push to a D includes its handshakes)
+        self._leases = LeaseKeeper(self.client, on_gone=self._lease_gone)
 
     # ---------------------------------------------------------------------------------------- helpers
     def _params(self, request: Any, want_role: str) -> KVLaneParams | None:
@@ -229,6 +232,10 @@ class SchedulerSide:
                 logger.warning("kvlane D: announce of %s failed (%s); retrying", job.params.transfer_id, exc)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    def _lease_gone(self, grant: LeaseGrant) -> None:
+        logger.warning("kvlane P %s: lease %s of transfer %s expired while its push was in flight; D stops waiting "
+                       "for it", self.engine_id, grant.lease_id, grant.transfer_id)
 
     def _watch_aborts(self) -> None:
         """Every `abort_poll_s`, ask the policy service which awaited transfers P gave up (a failed push, an
@@ -357,6 +364,7 @@ class SchedulerSide:
                 job.released_to_workers = True
                 self._to_push.append(order)
                 self._stats.data["lease_wait_seconds"].append(job.lease_wait)
+            self._leases.hold(grant, until=order.deadline + 15.0)  # the workers wait up to deadline + 10 s
         except Exception as exc:  # a bug here must not strand the blocks
             logger.exception("kvlane P: preparing transfer %s failed", tid)
             if not job.released_to_workers:
@@ -447,6 +455,7 @@ class SchedulerSide:
 
     def _release(self, job: SendJob) -> None:
         assert job.lease is not None
+        self._leases.drop(job.lease.lease_id)
         ranks = sorted(job.reports, key=lambda r: r.rank)
         ok = len(ranks) == self.tp_size and all(r.ok for r in ranks)
         errors = "; ".join(f"rank {r.rank}: {r.error}" for r in ranks if r.error)
@@ -458,7 +467,10 @@ class SchedulerSide:
         )
         for attempt in range(3):
             try:
-                self.client.release_lease(job.lease.lease_id, outcome)
+                if not self.client.release_lease(job.lease.lease_id, outcome) and ok:
+                    logger.warning("kvlane P %s: lease %s of transfer %s had already ended (expired) when its push "
+                                   "finished: D may have stopped waiting for the KV", self.engine_id,
+                                   job.lease.lease_id, job.params.transfer_id)
                 return
             except Exception as exc:
                 logger.warning("kvlane P: release of lease %s failed (%s)%s", job.lease.lease_id, exc,
@@ -568,6 +580,7 @@ class SchedulerSide:
 
     def shutdown(self) -> None:
         self._closed.set()
+        self._leases.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.client.close()

@@ -167,8 +167,9 @@ class TransportPath:
     def _peer(self, key: bytes, path: str, deadline: float) -> Any:
         """The peer of descriptor `key`, connected on `path` only (a handshake per path actually used, when a
         lease first grants it). Concurrent pushes to a new peer share one handshake (four at once to one D
-        timed out under load where one succeeds); a handshake that times out is tried once more while the
-        push deadline leaves room for it (docs/connector.md, "Handshakes")."""
+        timed out under load where one succeeds); a handshake that times out is tried again, on a fresh
+        endpoint, for as long as the push deadline leaves room for a whole attempt (the scheduler side renews
+        the lease meanwhile; docs/connector.md, "Handshakes")."""
         from kvlane.transport import HandshakeTimeout
 
         with self._lock:
@@ -177,13 +178,18 @@ class TransportPath:
             peer = self._peers.get((key, path))
             if peer is not None:
                 return peer
-            try:
-                peer = self.t.connect(key, paths=[path])
-            except HandshakeTimeout as exc:
-                if deadline - time.monotonic() < self.t.config.connect_timeout_s:
-                    raise
-                logger.warning("kvlane rank %d: %s; trying once more", self.rank, exc)
-                peer = self.t.connect(key, paths=[path])
+            attempt = 1
+            while True:
+                try:
+                    peer = self.t.connect(key, paths=[path])
+                    break
+                except HandshakeTimeout as exc:
+                    if deadline - time.monotonic() < self.t.config.connect_timeout_s:
+                        raise
+                    attempt += 1
+                    logger.warning("kvlane rank %d: %s; attempt %d", self.rank, exc, attempt)
+            if attempt > 1:
+                logger.info("kvlane rank %d: connected on path %r at attempt %d", self.rank, path, attempt)
             self._peers[(key, path)] = peer
             return peer
 

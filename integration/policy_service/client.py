@@ -110,6 +110,12 @@ class PolicyApi:
         body = _body(P.ReleaseLeaseBody, lease_id=lease_id, outcome=outcome)
         return _reply(P.ReleasedReply, await self._call("release_lease", body, timeout)).released
 
+    async def renew_lease(self, lease_id: str, timeout: float | None = None) -> float | None:
+        """Keep a lease of a transfer still in flight: its new `expires_at` (service clock), or None when the
+        lease is gone (expired, released, unknown): stop the transfer, its credits are no longer held."""
+        body = _body(P.RenewLeaseBody, lease_id=lease_id)
+        return _reply(P.RenewedReply, await self._call("renew_lease", body, timeout)).expires_at
+
     async def snapshot(
         self, timeout: float | None = None, *, max_paths: int | None = None, hottest: int | None = None
     ) -> dict[str, Any]:
@@ -630,6 +636,9 @@ class SyncPolicyClient:
         self, lease_id: str, outcome: TransferOutcome | None = None, timeout: float | None = None
     ) -> bool:
         return self._do(lambda c: c.release_lease(lease_id, outcome, timeout), timeout)
+
+    def renew_lease(self, lease_id: str, timeout: float | None = None) -> float | None:
+        return self._do(lambda c: c.renew_lease(lease_id, timeout), timeout)
 
     def snapshot(
         self, timeout: float | None = None, *, max_paths: int | None = None, hottest: int | None = None

@@ -26,6 +26,7 @@ from kvlane.policy.types import (
     PairRequest,
     PolicyError,
     SchemaError,
+    Seconds,
     TransferOutcome,
     WireModel,
 )
@@ -312,6 +313,10 @@ class EngineRef(WireModel):
     engine_id: Name
 
 
+class RenewLeaseBody(WireModel):
+    lease_id: Name
+
+
 class ReleaseLeaseBody(BinModel):
     lease_id: Name
     outcome: TransferOutcome | None = None
@@ -377,6 +382,12 @@ class ReleasedReply(WireModel):
     released: bool
 
 
+class RenewedReply(WireModel):
+    """`expires_at` (policy-service clock) when renewed; None: the lease is gone, its transfer must stop."""
+
+    expires_at: Seconds | None = None
+
+
 class LeaseReply(WireModel):
     """Exactly one of `grant` / `denied`."""
 
@@ -438,6 +449,7 @@ OPS: dict[str, OpSpec] = {
     "select_pair": OpSpec(PairRequest, False),
     "acquire_lease": OpSpec(LeaseRequest, False),
     "release_lease": OpSpec(ReleaseLeaseBody, True),
+    "renew_lease": OpSpec(RenewLeaseBody, True),  # a second renewal only moves the expiry again
     "snapshot": OpSpec(SnapshotBody, True),
     "announce": OpSpec(AnnounceBody, True),
     "await_announce": OpSpec(AwaitAnnounceBody, True),

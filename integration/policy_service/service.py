@@ -41,6 +41,8 @@ class ServiceMetrics:
             "kvlane_policy_leases_expired", "Leases expired by the sweep (never released)", registry=r
         )
         self.leases_released = Counter("kvlane_policy_leases_released", "Leases released", registry=r)
+        self.leases_renewed = Counter("kvlane_policy_leases_renewed", "Lease renewals by their live holders",
+                                      registry=r)
         self.decision_seconds = Histogram(
             "kvlane_policy_decision_seconds",
             "Time the policy took to decide (select_pair, acquire_lease)",
@@ -110,6 +112,7 @@ class PolicyService:
             "select_pair": self._select_pair,
             "acquire_lease": self._acquire_lease,
             "release_lease": self._release_lease,
+            "renew_lease": self._renew_lease,
             "snapshot": self._snapshot,
             "announce": self._announce,
             "register_rank": self._register_rank,
@@ -211,6 +214,12 @@ class PolicyService:
         if released:
             self.metrics.leases_released.inc()
         return P.ReleasedReply(released=released).to_wire()
+
+    def _renew_lease(self, msg: P.RenewLeaseBody, now: float) -> dict[str, Any]:
+        expires_at = self.policy.renew_lease(msg.lease_id, now)
+        if expires_at is not None:
+            self.metrics.leases_renewed.inc()
+        return P.RenewedReply(expires_at=expires_at).to_wire()
 
     def _snapshot(self, msg: P.SnapshotBody, now: float) -> dict[str, Any]:
         caps = {k: v for k, v in (("max_paths", msg.max_paths), ("hottest", msg.hottest)) if v is not None}

@@ -239,7 +239,7 @@ def test_only_the_granted_path_is_handshaken_and_an_unknown_path_falls_back(pd_p
     assert seen == [["tcp"], ["shm"]]  # one handshake per path used, none for the rest
 
 
-def test_a_timed_out_handshake_is_tried_once_more_within_the_deadline(pd_paths):
+def test_a_timed_out_handshake_is_tried_again_while_the_deadline_allows(pd_paths):
     from kvlane.transport import HandshakeTimeout
 
     _, _, make = pd_paths
@@ -249,7 +249,7 @@ def test_a_timed_out_handshake_is_tried_once_more_within_the_deadline(pd_paths):
 
     def flaky(key, paths=None):
         calls.append(paths)
-        if len(calls) == 1:
+        if len(calls) <= 2:
             raise HandshakeTimeout("handshake with d0/rank0 on path 'tcp' timed out after 10.0s")
         return real(key, paths=paths)
 
@@ -257,7 +257,7 @@ def test_a_timed_out_handshake_is_tried_once_more_within_the_deadline(pd_paths):
     d.arm("h1", [3], time.monotonic() + 30)
     res = p.push(_order("h1", [0], [3], [d.descriptor()], deadline_s=25.0), "tcp")
     assert res.ok, res.error
-    assert calls == [["tcp"], ["tcp"]]
+    assert calls == [["tcp"], ["tcp"], ["tcp"]]
     # a deadline too close for another full handshake: the timeout is the push's failure, no second try
     calls.clear()
     p._peers.clear()
@@ -441,6 +441,61 @@ def test_decode_cancels_at_once_a_receive_whose_push_failed(policy_client):
     assert d.build_connector_meta().cancel == []  # cancelled once
     p.shutdown()
     d.shutdown()
+
+
+def test_prefill_renews_the_lease_of_a_push_in_flight_and_a_dead_prefill_loses_it():
+    """A lease shorter than the push (here 0.4 s; a first push to a D includes its handshakes, a timed-out one
+    costs connect_timeout_s) is renewed by P while its workers are still pushing: D keeps waiting and the
+    release frees it. Negative control: the same push from a P that stopped (no renewals) loses the lease at
+    its expiry, and D is told at once that the KV will not come."""
+    from kvlane.integration.policy_service.app import build_policy
+    from kvlane.integration.policy_service.client import EmbeddedPolicy, SyncPolicyClient
+
+    policy = build_policy("loopback:gpus=2", lease_ttl_s=0.4)
+    client = SyncPolicyClient(factory=lambda: EmbeddedPolicy(policy, sweep_interval=0.05))
+    client.register_rank("d0", 0, b"rank-0 descriptor")
+
+    class Shared:  # each side's shutdown closes its client; both sides and the test share this one
+        def __getattr__(self, name):
+            return getattr(client, name)
+
+        def close(self):
+            pass
+
+    def start(tid: str):
+        d = _side("decode", Shared(), abort_poll_s=0.05)
+        p = _side("prefill", Shared())
+        dreq, preq = _request("decode", 100, tid=tid), _request("prefill", 100, tid=tid)
+        d.get_num_new_matched_tokens(dreq, 0)
+        d.update_state_after_alloc(dreq, SimpleNamespace(get_block_ids=lambda: ([10, 11, 12, 13],)), 100)
+        assert d.build_connector_meta().arm
+        d.update_connector_output(_out(KVLaneWorkerMeta(armed={dreq.request_id: 1})))
+        p.request_finished(preq, [1, 2, 3, 4])
+        metas: list[KVLaneMetadata] = []
+        _until(lambda: metas.append(p.build_connector_meta()) or metas[-1].push)
+        return d, p, preq
+
+    d, p, preq = start("t-r1")
+    (lease,) = client.snapshot()["leases"]
+    time.sleep(1.5)  # the workers push for ~4 ttls
+    assert [x["lease_id"] for x in client.snapshot()["leases"]] == [lease["lease_id"]]
+    assert d.build_connector_meta().cancel == [] and client.transfer_status(["t-r1"]) == {}
+    done = RankReport(0, True, 4 * 2 * PAGE, 1.5, "default")
+    p.update_connector_output(_out(KVLaneWorkerMeta(pushed={preq.request_id: [done]}), sending=[preq.request_id]))
+    _until(lambda: client.snapshot()["leases"] == [])
+    assert client.snapshot()["counters"]["releases"] == 1 and client.snapshot()["counters"]["expired"] == 0
+    p.shutdown()
+    d.shutdown()
+
+    d, p, preq = start("t-r2")
+    p.shutdown()  # P is gone: nobody renews
+    cancels: list = []
+    _until(lambda: cancels.extend(d.build_connector_meta().cancel) or cancels)
+    ((_, why),) = cancels
+    assert "expired before the prefill engine released it" in why
+    assert client.snapshot()["counters"]["expired"] == 1
+    d.shutdown()
+    client.close()
 
 
 def test_decode_cancels_a_receive_prefill_dropped(policy_client):

@@ -59,6 +59,22 @@ def test_expire_sweep_returns_expired_leases_once():
     assert led.release("L1", 5.0) == "already_ended"
 
 
+def test_renewal_moves_the_expiry_up_to_the_cap_and_never_revives_an_expired_lease():
+    led = ledger(lease_ttl_s=1.0, lease_ttl_floor_gbps=1e9, lease_max_s=3.0)  # ttl = 1 s + ~0
+    grant(led, 0, now=0.0)  # expires at ~1.0
+    assert led.renew("L0", 0.8).expires_at == pytest.approx(1.8)
+    assert led.expire(1.5) == []  # the old expiry's heap entry is stale, not an expiry
+    assert led.renew("L0", 1.6).expires_at == pytest.approx(2.6)
+    assert led.renew("L0", 2.5).expires_at == pytest.approx(3.0)  # capped at granted_at + lease_max_s
+    assert led.renew("L0", 2.9).expires_at == pytest.approx(3.0)
+    assert [x.lease_id for x in led.expire(3.0)] == ["L0"]
+    assert led.renew("L0", 3.0) is None and led.renew("nope", 3.0) is None
+    grant(led, 1, now=10.0)
+    assert led.renew("L1", 11.5) is None  # already past its expiry: ended as expired, credits freed
+    assert led.ended_state("L1") == "expired" and led.streams_in_use("D") == 0
+    assert led.release("L1", 11.5) == "already_ended"
+
+
 def test_holder_death_and_decode_death_end_their_leases():
     led = ledger(max_streams=4)
     grant(led, 0, holder="P1", decode="D1", links={"l0": 10.0})
@@ -116,7 +132,7 @@ class LedgerMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.cfg = CreditConfig(max_streams=2, ingress_bytes=5 << 30, best_effort_max_streams=2,
-                                lease_ttl_s=2.0, lease_ttl_floor_gbps=8.0, reservable_fraction=0.8)
+                                lease_ttl_s=2.0, lease_ttl_floor_gbps=8.0, reservable_fraction=0.8, lease_max_s=6.0)
         self.led = CreditLedger(self.cfg, LINKS.__getitem__)
         self.now = 0.0
         self.n = 0
@@ -161,6 +177,19 @@ class LedgerMachine(RuleBasedStateMachine):
             assert lease.expires_at <= self.now and lease.lease_id not in self.ended
             self.ended.add(lease.lease_id)
 
+    @rule(lid=leases)
+    def renew(self, lid):
+        before = self.led.get(lid)
+        old = before.expires_at if before is not None else None
+        out = self.led.renew(lid, self.now)
+        if out is None:  # not live: it was unknown/ended, or ended here as expired
+            assert old is None or old <= self.now
+            if old is not None:
+                self.ended.add(lid)
+        else:
+            assert lid not in self.ended and out.expires_at >= old > self.now
+            assert out.expires_at <= max(old, out.granted_at + self.cfg.lease_max_s)
+
     @rule(holder=st.sampled_from(["P1", "P2", "P3"]))
     def holder_dies(self, holder):
         for lease in self.led.drop_holder(holder, self.now):
@@ -191,8 +220,8 @@ class LedgerMachine(RuleBasedStateMachine):
             assert booked <= gbps * self.cfg.reservable_fraction + 1e-6
 
     def teardown(self):
-        # Every lease ends: past the longest ttl, nothing is held.
-        self.led.expire(self.now + self.max_ttl + 1)
+        # Every lease ends: past the longest ttl or renewal cap, nothing is held.
+        self.led.expire(self.now + max(self.max_ttl, self.cfg.lease_max_s) + 1)
         assert self.led.active() == []
         assert self.led.links_in_use() == {} and self.led.decodes_in_use() == {}
 

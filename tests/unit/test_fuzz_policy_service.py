@@ -90,6 +90,7 @@ def _valid_bodies() -> dict[str, dict[str, Any]]:
         "select_pair": {"request_id": "r1", "prompt_tokens": 10},
         "acquire_lease": lease_req("t-fuzz").to_wire(),
         "release_lease": {"lease_id": "L-unknown"},
+        "renew_lease": {"lease_id": "L-unknown"},
         "snapshot": {"max_paths": 1, "hottest": 1},
         "announce": {"transfer_id": "t-fuzz", "payload": {"rank0": [1, 2, 3]}},
         "await_announce": {"transfer_id": "t-never", "timeout_s": 0.0},

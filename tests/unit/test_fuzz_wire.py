@@ -63,6 +63,8 @@ EXAMPLES: dict[type[T.WireModel], dict[str, Any]] = {
     P.RegisterRankBody: {"engine_id": "p0", "rank": 3, "descriptor": b"\x01\x02"},
     P.RemovedReply: {"removed": True},
     P.ReleasedReply: {"released": False},
+    P.RenewLeaseBody: {"lease_id": "Labc-1"},
+    P.RenewedReply: {"expires_at": 12.5},
     P.LeaseReply: {"grant": GRANT},
     P.EnginesReply: {"engines": [ENGINE]},
     P.PingReply: {"server_time": 1.0, "version": 1},

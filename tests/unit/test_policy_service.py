@@ -452,6 +452,31 @@ async def test_unreleased_lease_expires_via_the_sweep(server, client, clock):
     assert await client.release_lease(grant.lease_id) is False  # expired: cannot be released any more
 
 
+async def test_a_renewed_lease_outlives_its_ttl_and_an_expired_one_cannot_be_renewed(server, client, clock):
+    for info in _engines():
+        await client.register_engine(info)
+    req = LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20, best_effort_ok=False)
+    grant = await client.acquire_lease(req)
+    assert isinstance(grant, LeaseGrant)
+    ttl = grant.expires_at - grant.granted_at
+    for _ in range(3):  # the holder renews before each expiry: the sweep never ends it
+        clock.now += 0.9 * ttl
+        assert await client.renew_lease(grant.lease_id) == pytest.approx(clock.now + ttl)
+        await asyncio.sleep(0.06)
+        assert expired_count(server) == 0
+    renewed = server.service.metrics.registry.get_sample_value("kvlane_policy_leases_renewed_total")
+    assert renewed == 3
+    clock.now += ttl + 0.001  # the holder stops renewing (died): the lease expires
+    for _ in range(500):
+        if expired_count(server) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert expired_count(server) == 1
+    assert await client.renew_lease(grant.lease_id) is None  # gone: renewing does not bring it back
+    assert await client.release_lease(grant.lease_id) is False
+    assert await client.renew_lease("L-unknown") is None
+
+
 # ---------------------------------------------------------------------------------------------- rendezvous
 
 
