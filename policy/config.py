@@ -35,7 +35,9 @@ class CreditConfig(_Knobs):
     min_stream_gbps: float = Field(default=5.0, gt=0.0)
     #: Lease expiry: `now + lease_ttl_s + bytes·8 / (lease_ttl_floor_gbps·1e9)` — a fixed slack plus the time the
     #: bytes would take at a pessimistic floor rate. A holder that never releases loses its credits then.
-    lease_ttl_s: float = Field(default=10.0, gt=0.0)
+    #: 30 s, not 10 s: a live holder renews (below), so the ttl only bounds how long a dead holder's credits stay
+    #: held; 10 s proved shorter than the whole-process stalls of a loaded 2-vCPU VM (~10 s, docs/leases.md).
+    lease_ttl_s: float = Field(default=30.0, gt=0.0)
     lease_ttl_floor_gbps: float = Field(default=1.0, gt=0.0)
     #: A live holder renews its lease while its transfer is still in flight (a slow handshake, a slow
     #: link): each renewal moves the expiry to `now + ttl` (the ttl above), never past `granted_at +
