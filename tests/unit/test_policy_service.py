@@ -435,29 +435,34 @@ def expired_count(server: PolicyServer) -> float:
     return server.service.metrics.registry.get_sample_value("kvlane_policy_leases_expired_total")
 
 
-async def test_unreleased_lease_expires_via_the_sweep(server, client, clock):
+async def _one_lease(client: PolicyClient) -> LeaseGrant:
     for info in _engines():
         await client.register_engine(info)
-    req = LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20, best_effort_ok=False)
-    grant = await client.acquire_lease(req)
+    grant = await client.acquire_lease(LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20,
+                                                    best_effort_ok=False))
     assert isinstance(grant, LeaseGrant)
+    return grant
+
+
+async def _swept(server: PolicyServer, expired: int) -> None:
+    for _ in range(500):  # the sweep runs every 20 ms; allow a loaded machine 10 s
+        if expired_count(server) == expired:
+            return
+        await asyncio.sleep(0.02)
+    assert expired_count(server) == expired
+
+
+async def test_unreleased_lease_expires_via_the_sweep(server, client, clock):
+    grant = await _one_lease(client)
     await asyncio.sleep(0.1)  # several sweeps with the clock standing still: nothing expires
     assert expired_count(server) == 0
     clock.now = grant.expires_at + 0.001
-    for _ in range(500):  # the sweep runs every 20 ms; allow a loaded machine 10 s
-        if expired_count(server) == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert expired_count(server) == 1
+    await _swept(server, 1)
     assert await client.release_lease(grant.lease_id) is False  # expired: cannot be released any more
 
 
 async def test_a_renewed_lease_outlives_its_ttl_and_an_expired_one_cannot_be_renewed(server, client, clock):
-    for info in _engines():
-        await client.register_engine(info)
-    req = LeaseRequest(transfer_id="t1", prefill="p0", decode="d0", bytes=1 << 20, best_effort_ok=False)
-    grant = await client.acquire_lease(req)
-    assert isinstance(grant, LeaseGrant)
+    grant = await _one_lease(client)
     ttl = grant.expires_at - grant.granted_at
     for _ in range(3):  # the holder renews before each expiry: the sweep never ends it
         clock.now += 0.9 * ttl
@@ -467,11 +472,7 @@ async def test_a_renewed_lease_outlives_its_ttl_and_an_expired_one_cannot_be_ren
     renewed = server.service.metrics.registry.get_sample_value("kvlane_policy_leases_renewed_total")
     assert renewed == 3
     clock.now += ttl + 0.001  # the holder stops renewing (died): the lease expires
-    for _ in range(500):
-        if expired_count(server) == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert expired_count(server) == 1
+    await _swept(server, 1)
     assert await client.renew_lease(grant.lease_id) is None  # gone: renewing does not bring it back
     assert await client.release_lease(grant.lease_id) is False
     assert await client.renew_lease("L-unknown") is None
