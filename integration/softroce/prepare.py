@@ -100,8 +100,9 @@ def ensure_apt(packages: tuple[str, ...] = APT_PACKAGES, log=print) -> None:
     if os.geteuid() != 0:
         raise SoftRoceSetupError(f"missing Debian packages (run as root or install them): {' '.join(missing)}")
     log(f"softroce: apt-get install {' '.join(missing)}")
-    _run(["apt-get", "update", "-qq"], what="apt-get update")
-    env_cmd = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "--no-install-recommends"]
+    _run(["apt-get", "-o", "Acquire::Retries=5", "update", "-qq"], what="apt-get update")
+    env_cmd = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", "Acquire::Retries=5", "install", "-y", "-qq",
+               "--no-install-recommends"]
     _run([*env_cmd, *missing], what="apt-get install")
     still = missing_apt_packages(packages)
     if still:
@@ -143,7 +144,7 @@ def ensure_kernel(cache: Path, log=print) -> Kernel:
     log(f"softroce: downloading {package}")
     with tempfile.TemporaryDirectory(dir=kdir) as tmp:
         tmpdir = Path(tmp)
-        _run(["apt-get", "download", "-q", package], what="apt-get download", cwd=tmpdir)
+        _run(["apt-get", "-o", "Acquire::Retries=5", "download", "-q", package], what="apt-get download", cwd=tmpdir)
         debs = sorted(tmpdir.glob(f"{package}_*.deb"))
         if not debs:
             raise SoftRoceSetupError(f"apt-get download left no {package}_*.deb in {tmpdir}")
