@@ -448,8 +448,9 @@ def start_vllm_engine(
                         served_model_name=served_model_name, extra_connector_config=extra_connector_config, extra_args=extra_args,
                         log_stats=log_stats)
     log = _log_path(log_file, f"vllm-{engine_id}")
-    own_tmp = tmpdir is None
-    tmp = short_tmpdir(engine_id) if own_tmp else Path(tmpdir)  # type: ignore[arg-type]
+    # The engine's TMPDIR goes when it stops, given or not: it holds sockets and vLLM's compile caches
+    # (~150 MB per engine); a few dozen test runs had filled this machine's disk with them (session 4).
+    tmp = short_tmpdir(engine_id) if tmpdir is None else Path(tmpdir)
     proc = EngineProcess(
         name=f"vllm:{engine_id}",
         argv=argv,
@@ -459,7 +460,7 @@ def start_vllm_engine(
         role=role,
         host=host,
         port=port,
-        cleanup_dirs=[tmp] if own_tmp else [],
+        cleanup_dirs=[tmp],
     )
     return proc.start()  # type: ignore[return-value]
 
