@@ -241,8 +241,12 @@ class KVTransport:
                                 num_blocks=r.num_blocks, nbytes=r.nbytes) for r in self._regions],
         ).to_msgpack()
 
-    def connect(self, peer_descriptor: bytes, paths: list[str] | None = None) -> PeerHandle:
-        """Validate the peer (rank, layout) and open a link on each path (default: all configured)."""
+    def connect(self, peer_descriptor: bytes, paths: list[str] | None = None,
+                deadline: float | None = None) -> PeerHandle:
+        """Validate the peer (rank, layout) and open a link on each path (default: all configured). A handshake
+        that times out (`HandshakeTimeout`) is tried again on a fresh link while the monotonic `deadline` leaves
+        room for a whole attempt (`connect_timeout_s`); without a deadline it is tried once. Refusals (layout,
+        rank, authentication) are never retried."""
         self._check_open()
         desc = Descriptor.from_msgpack(peer_descriptor)
         self._check_peer(desc)
@@ -255,11 +259,22 @@ class KVTransport:
         peer = PeerHandle(desc)
         try:
             for p in wanted:
-                peer.links[p] = self._call(self._open(p, desc), timeout=self.config.connect_timeout_s + 5)
+                peer.links[p] = self._open_until(p, desc, deadline)
         except BaseException:
             self._close_peer(peer)
             raise
         return peer
+
+    def _open_until(self, path: str, desc: Descriptor, deadline: float | None) -> Link:
+        attempt = 1
+        while True:
+            try:
+                return self._call(self._open(path, desc), timeout=self.config.connect_timeout_s + 5)
+            except HandshakeTimeout as exc:
+                if deadline is None or deadline - time.monotonic() < self.config.connect_timeout_s:
+                    raise
+                attempt += 1
+                log.warning("kvlane transport %s: %s; attempt %d", self.key, exc, attempt)
 
     def push(self, peer: PeerHandle, transfer_id: str, path: str, copies: list[BlockCopy],
              deadline_s: float) -> concurrent.futures.Future[TransferResult]:

@@ -261,7 +261,7 @@ class KVLaneKVManager(BaseKVManager):
             if time.monotonic() + 0.2 > deadline or self._closed.is_set():
                 raise TimeoutError(f"decode {decode} has not registered rank {self.rank} (has {sorted(ranks)})")
             self._closed.wait(0.2)
-        p = self.transport.connect(ranks[self.rank])
+        p = self.transport.connect(ranks[self.rank], deadline=deadline)  # a timed-out handshake is retried
         with self._lock:
             self._peers[decode] = p
         return p

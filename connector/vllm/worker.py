@@ -168,28 +168,15 @@ class TransportPath:
         """The peer of descriptor `key`, connected on `path` only (a handshake per path actually used, when a
         lease first grants it). Concurrent pushes to a new peer share one handshake (four at once to one D
         timed out under load where one succeeds); a handshake that times out is tried again, on a fresh
-        endpoint, for as long as the push deadline leaves room for a whole attempt (the scheduler side renews
-        the lease meanwhile; docs/connector.md, "Handshakes")."""
-        from kvlane.transport import HandshakeTimeout
-
+        endpoint, for as long as the push deadline leaves room for a whole attempt (`KVTransport.connect`; the
+        scheduler side renews the lease meanwhile; docs/connector.md, "Handshakes")."""
         with self._lock:
             lock = self._connecting.setdefault((key, path), threading.Lock())
         with lock:
             peer = self._peers.get((key, path))
             if peer is not None:
                 return peer
-            attempt = 1
-            while True:
-                try:
-                    peer = self.t.connect(key, paths=[path])
-                    break
-                except HandshakeTimeout as exc:
-                    if deadline - time.monotonic() < self.t.config.connect_timeout_s:
-                        raise
-                    attempt += 1
-                    logger.warning("kvlane rank %d: %s; attempt %d", self.rank, exc, attempt)
-            if attempt > 1:
-                logger.info("kvlane rank %d: connected on path %r at attempt %d", self.rank, path, attempt)
+            peer = self.t.connect(key, paths=[path], deadline=deadline)
             self._peers[(key, path)] = peer
             return peer
 

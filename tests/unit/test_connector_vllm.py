@@ -229,7 +229,7 @@ def test_only_the_granted_path_is_handshaken_and_an_unknown_path_falls_back(pd_p
     p, d, _ = make()
     seen: list[list[str] | None] = []
     real = p.t.connect
-    p.t.connect = lambda key, paths=None: seen.append(paths) or real(key, paths=paths)
+    p.t.connect = lambda key, paths=None, deadline=None: seen.append(paths) or real(key, paths=paths, deadline=deadline)
     d.arm("g1", [1], time.monotonic() + 20)
     d.arm("g2", [2], time.monotonic() + 20)
     r1 = p.push(_order("g1", [0], [1], [d.descriptor()]), "tcp")
@@ -245,24 +245,24 @@ def test_a_timed_out_handshake_is_tried_again_while_the_deadline_allows(pd_paths
     _, _, make = pd_paths
     p, d, _ = make()
     calls = []
-    real = p.t.connect
+    real = p.t._open
 
-    def flaky(key, paths=None):
-        calls.append(paths)
+    async def flaky(path, desc):  # the first two handshakes time out, as a stalled peer's would
+        calls.append(path)
         if len(calls) <= 2:
             raise HandshakeTimeout("handshake with d0/rank0 on path 'tcp' timed out after 10.0s")
-        return real(key, paths=paths)
+        return await real(path, desc)
 
-    p.t.connect = flaky
-    d.arm("h1", [3], time.monotonic() + 30)
-    res = p.push(_order("h1", [0], [3], [d.descriptor()], deadline_s=25.0), "tcp")
+    p.t._open = flaky
+    d.arm("h1", [3], time.monotonic() + 35)
+    res = p.push(_order("h1", [0], [3], [d.descriptor()], deadline_s=32.0), "tcp")
     assert res.ok, res.error
-    assert calls == [["tcp"], ["tcp"], ["tcp"]]
+    assert calls == ["tcp", "tcp", "tcp"]
     # a deadline too close for another full handshake: the timeout is the push's failure, no second try
     calls.clear()
     p._peers.clear()
     res = p.push(_order("h2", [0], [4], [d.descriptor()], deadline_s=5.0), "tcp")
-    assert not res.ok and "HandshakeTimeout" in res.error and calls == [["tcp"]]
+    assert not res.ok and "HandshakeTimeout" in res.error and calls == ["tcp"]
 
 
 def test_blockwire_is_gone_with_a_clear_error():

@@ -5,6 +5,7 @@ failures, and a SIGKILLed peer never hangs or takes down the survivor."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -385,3 +386,47 @@ def test_a_peer_that_never_answers_the_hello_is_a_handshake_timeout_within_conne
             assert time.monotonic() - t0 < 1.0 + 5.0  # well inside connect()'s own wait (connect_timeout_s + 5)
     finally:
         silent.close()
+
+
+def test_a_timed_out_handshake_is_retried_on_a_fresh_link_until_the_deadline() -> None:
+    """With a deadline, connect() tries a timed-out handshake again on a new connection while a whole attempt
+    (connect_timeout_s) still fits: a silent peer sees 3 connections for a 3.5 s deadline at 1 s each (2 if the
+    machine is slow enough that the second attempt ends past 2.5 s); without a deadline, exactly one."""
+    import socket
+
+    from kvlane.transport import HandshakeTimeout
+    from kvlane.transport.wire import Descriptor, PathAddress
+
+    cfg = TransportConfig.model_validate(config("tcp", connect_timeout_s=1.0))
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                accepted.append(silent.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        with KVTransport("D", 0, cfg) as d:
+            d.register_regions(make_regions(2, D_BLOCKS, BLOCK, "float16", seed=None))
+            desc = Descriptor.from_msgpack(d.descriptor())
+            paths = {name: PathAddress(host="127.0.0.1", port=silent.getsockname()[1]) for name in desc.paths}
+            mute = desc.model_copy(update={"paths": paths}).to_msgpack()
+        with KVTransport("P", 0, cfg) as p:
+            p.register_regions(make_regions(2, P_BLOCKS, BLOCK, "float16", seed=None))
+            with pytest.raises(HandshakeTimeout, match="timed out after 1.0s"):
+                p.connect(mute, paths=["tcp"], deadline=time.monotonic() + 3.5)
+            time.sleep(0.3)  # the accept thread catches up
+            retried = len(accepted)
+            assert 2 <= retried <= 3, retried  # attempts at 0, ~1 (and ~2) s; a fourth would end past the deadline
+            with pytest.raises(HandshakeTimeout):
+                p.connect(mute, paths=["tcp"])
+            time.sleep(0.3)
+            assert len(accepted) == retried + 1
+    finally:
+        silent.close()
+        for c in accepted:
+            c.close()
